@@ -1,0 +1,20 @@
+"""metalens: meta-learning through every lens, scored against the Bayes-optimal oracle.
+
+The public API; everything not listed in ``__all__`` may change between releases.
+"""
+
+__version__ = "0.1.0"
+
+from metalens.episode import Episode, TaskSpec
+from metalens.evaluate import Evaluation, Metric, evaluate
+from metalens.learners.base import Learner
+from metalens.registry import LEARNERS, TASKS
+from metalens.run import Run, RunConfig, load_run, make_learner, make_task, start_run
+from metalens.tasks.base import TaskFamily
+from metalens.train import TrainConfig, TrainingDiverged, train
+
+__all__ = [
+    "Episode", "TaskSpec", "TaskFamily", "Learner", "TASKS", "LEARNERS",
+    "make_task", "make_learner", "TrainConfig", "train", "TrainingDiverged",
+    "evaluate", "Evaluation", "Metric", "RunConfig", "Run", "start_run", "load_run",
+]

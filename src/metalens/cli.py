@@ -1,0 +1,225 @@
+"""The ``metalens`` command line (also ``python -m metalens``).
+
+Errors in what the user typed (bad options, unknown names, unreadable configs, a
+run folder that cannot be used) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from metalens import __version__
+
+DEFAULT_THREADS = 1  # measured: benchmarks/threads.py (see README)
+
+_threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, envvar="METALENS_THREADS", show_envvar=True,
+    help=f"CPU threads for PyTorch [default: {DEFAULT_THREADS}; small meta-learning models run "
+         "fastest on one thread per process].")
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or DEFAULT_THREADS)
+
+
+def _collect(config_file: str | None, sets: Sequence[str]) -> dict[str, dict[str, Any]]:
+    from metalens.config import SECTIONS, load_file, parse_set
+
+    sections = load_file(config_file) if config_file else {s: {} for s in SECTIONS}
+    for item in sets:
+        section, key, value = parse_set(item)
+        sections[section][key] = value
+    return sections
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="metalens")
+def cli() -> None:
+    """metalens: meta-learning through every lens, scored against the Bayes-optimal oracle.
+
+    \b
+    Quick start:
+      metalens list
+      metalens train --task sinusoid --learner pretrain --steps 2000 --out runs/pre
+      metalens eval runs/pre
+      metalens tour --out runs/tour
+    """
+
+
+@cli.command("list")
+@click.argument("name", required=False)
+def list_cmd(name: str | None) -> None:
+    """List task families and learners, or the options of one of them (NAME)."""
+    from metalens.config import field_docs
+    from metalens.registry import LEARNERS, TASKS
+
+    if name is not None:
+        entries = [e for reg in (TASKS, LEARNERS) for e in reg if e.name == name]
+        if not entries:
+            raise click.UsageError(f"unknown task family or learner {name!r}; see `metalens list`")
+        for e in entries:
+            kind = "task family" if e.name in TASKS and e in list(TASKS) else "learner"
+            click.echo(f"{e.name} ({kind}): {e.summary}")
+            prefix = "task" if kind == "task family" else "learner"
+            docs = field_docs(e.cls.Config)
+            if not docs:
+                click.echo("  (no options)")
+            for field, (default, help_) in docs.items():
+                click.echo(f"  --set {prefix}.{field}={json.dumps(default)}  {help_}")
+        return
+    click.echo("Task families:")
+    for e in TASKS:
+        click.echo(f"  {e.name:<14} {e.summary}")
+    click.echo("Learners:")
+    for e in LEARNERS:
+        click.echo(f"  {e.name:<14} {e.summary}")
+    click.echo("\n`metalens list NAME` shows the options of one of them.")
+
+
+@cli.command()
+@click.option("--task", help="task family (see `metalens list`).")
+@click.option("--learner", help="learner (see `metalens list`).")
+@click.option("--steps", type=click.IntRange(min=1), help="meta-training steps (train.steps).")
+@click.option("--seed", type=click.IntRange(min=0), help="seed of the run (train.seed).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="run folder to create (or to continue with --resume).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with [task], [learner], [train] tables.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override an option: task.*, learner.* or train.* (repeatable), e.g. --set task.shots=5.")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its newest checkpoint.")
+@click.option("--quiet", is_flag=True, help="no progress bar.")
+@_threads_option
+def train(task: str | None, learner: str | None, steps: int | None, seed: int | None, out: Path,
+          config_file: str | None, sets: tuple[str, ...], resume: bool, quiet: bool,
+          threads: int | None) -> None:
+    """Meta-train a learner on a task family into a run folder."""
+    from metalens.run import RunConfig, _read_config, start_run
+
+    _set_threads(threads)
+    sec = _collect(config_file, sets)
+    task = task or sec["task"].pop("name", None)
+    learner = learner or sec["learner"].pop("name", None)
+    sec["task"].pop("name", None)
+    sec["learner"].pop("name", None)
+    if steps is not None:
+        sec["train"]["steps"] = steps
+    if seed is not None:
+        sec["train"]["seed"] = seed
+    if resume and (task is None or learner is None):
+        saved = _read_config(out)  # continue as configured: fill in what was not given
+        task, learner = task or saved.task, learner or saved.learner
+        sec["task"] = {**saved.task_options, **sec["task"]}
+        sec["learner"] = {**saved.learner_options, **sec["learner"]}
+        from metalens.config import to_dict
+
+        sec["train"] = {**to_dict(saved.train), **sec["train"]}
+    if task is None or learner is None:
+        raise click.UsageError("--task and --learner are required (or name them in --config)")
+    cfg = RunConfig.resolve(task, learner, sec["task"], sec["learner"], sec["train"])
+    run = start_run(cfg, out, resume=resume)
+    res = run.train(resume=resume, progress=None if not quiet else False)
+    last = ", ".join(f"{k} {v:.4g}" for k, v in res.last_metrics.items())
+    click.echo(f"trained {learner} on {task}: {res.step} steps in {res.seconds:.1f}s"
+               + (f" (last: {last})" if last else "") + f"; run folder {out}")
+    click.echo(f"evaluate it with: metalens eval {out}")
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--episodes", type=click.IntRange(min=2), help="held-out tasks [default: 600 classification, 1000 regression].")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="evaluation seed.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="change an evaluation-time option, e.g. task.shots=5 or learner.finetune_steps=20.")
+@click.option("--batch-tasks", type=click.IntRange(min=1), default=100, show_default=True,
+              help="tasks scored at once (memory only; results do not depend on it).")
+@click.option("--json", "as_json", is_flag=True, help="print exactly one JSON object on stdout.")
+@_threads_option
+def eval_cmd(run_dir: Path, episodes: int | None, seed: int, sets: tuple[str, ...], batch_tasks: int,
+             as_json: bool, threads: int | None) -> None:
+    """Evaluate a trained run on held-out tasks, beside the oracle on the same tasks."""
+    from metalens.report import metrics_table
+    from metalens.run import load_run
+
+    _set_threads(threads)
+    sec = _collect(None, sets)
+    if sec["train"]:
+        raise click.UsageError("eval --set accepts task.* and learner.* options only")
+    run = load_run(run_dir, task_options=sec["task"], learner_options=sec["learner"])
+    ev = run.evaluate(episodes=episodes, seed=seed, batch_tasks=batch_tasks, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps(ev.to_json()))
+    else:
+        click.echo(metrics_table([ev]))
+
+
+@cli.command("tour")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/tour"),
+              show_default=True, help="folder for the runs and the report.")
+@click.option("--learner", "learners", multiple=True, help="only these learners (repeatable).")
+@click.option("--episodes", type=click.IntRange(min=2), help="held-out tasks per learner [default: 1000 / 600].")
+@click.option("--steps-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="multiply every training budget (e.g. 0.05 for a quick look).")
+@click.option("--quiet", is_flag=True, help="no progress bars.")
+@_threads_option
+def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_scale: float, quiet: bool,
+             threads: int | None) -> None:
+    """Meta-train and evaluate every learner on its canonical family; write a report."""
+    from metalens.registry import LEARNERS
+    from metalens.tour import tour
+
+    _set_threads(threads)
+    for name in learners:
+        LEARNERS[name]  # unknown names fail before any work
+    tour(out, learners=list(learners) or None, episodes=episodes, steps_scale=steps_scale,
+         progress=None if not quiet else False, echo=click.echo)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    from metalens.checkpoint import CheckpointError
+    from metalens.config import ConfigError
+    from metalens.registry import UnknownName
+    from metalens.run import RunFolderError
+    from metalens.train import TrainingDiverged
+
+    prog = "metalens"
+    try:
+        rv = cli.main(args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.UsageError as e:
+        cmd = f" {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else ""
+        click.echo(f"{prog}{cmd}: error: {e.format_message()}", err=True)
+        return 2
+    except (ConfigError, UnknownName, RunFolderError, CheckpointError) as e:
+        click.echo(f"{prog}: error: {e}", err=True)
+        return 2
+    except TrainingDiverged as e:
+        click.echo(f"{prog}: {e}", err=True)
+        return 1
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted; a run can be continued with `metalens train --resume --out DIR`",
+                   err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"{prog}: error: {e.format_message()}", err=True)
+        return e.exit_code
+    except BrokenPipeError:  # e.g. `metalens list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The evaluator: fixed held-out episodes, metrics with 95% confidence intervals,
+and the Bayes-optimal oracle scored on the very same episodes.
+
+Metrics are computed per task (averaged over the task's real query points), then
+summarised over tasks as the mean and the half-width of a normal-approximation 95%
+confidence interval, ``1.96 * std / sqrt(n)`` (the field's convention):
+
+- regression: ``mse`` of the predictive mean; ``nll`` in nats per target point
+  (``-log p(y)`` summed over output dimensions) for probabilistic learners;
+- classification: ``accuracy`` and ``nll`` (cross-entropy in nats).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+from tqdm.auto import tqdm
+
+from metalens.episode import Episode
+from metalens.learners.base import Learner
+from metalens.tasks.base import Split, TaskFamily
+
+__all__ = ["Metric", "Evaluation", "evaluate", "score", "summarize", "default_episodes", "Z95"]
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Metric:
+    mean: float
+    ci95: float
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4g} ± {self.ci95:.2g}"
+
+
+@dataclass
+class Evaluation:
+    task: str
+    learner: str
+    episodes: int
+    seed: int
+    metrics: dict[str, Metric]
+    oracle: dict[str, Metric] | None
+    per_task: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    oracle_per_task: dict[str, np.ndarray] | None = field(repr=False, default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object printed by ``metalens eval --json``."""
+
+        def conv(ms: dict[str, Metric] | None) -> dict[str, dict[str, float]] | None:
+            return None if ms is None else {k: {"mean": m.mean, "ci95": m.ci95} for k, m in ms.items()}
+
+        return {"task": self.task, "learner": self.learner, "episodes": self.episodes,
+                "metrics": conv(self.metrics), "oracle": conv(self.oracle)}
+
+
+def default_episodes(family: TaskFamily) -> int:
+    """600 held-out episodes for classification, 1000 for regression (the field's protocols)."""
+    return 600 if family.spec.is_classification else 1000
+
+
+def _task_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return values.mean(-1)
+    m = mask.to(values.dtype)
+    return (values * m).sum(-1) / m.sum(-1)
+
+
+def score(dist: Distribution, episode: Episode, *, with_nll: bool) -> dict[str, Tensor]:
+    """Per-task metrics ``{name: [T]}`` of a predictive distribution on an episode's queries."""
+    y, mask = episode.query_y, episode.query_mask
+    out: dict[str, Tensor] = {}
+    if episode.is_classification:
+        probs = dist.probs if hasattr(dist, "probs") else None
+        pred = probs.argmax(-1) if probs is not None else dist.mean.argmax(-1)
+        out["accuracy"] = _task_mean((pred == y).to(torch.float64), mask)
+        out["nll"] = _task_mean(-dist.log_prob(y).to(torch.float64), mask)
+    else:
+        out["mse"] = _task_mean(((dist.mean - y) ** 2).mean(-1).to(torch.float64), mask)
+        if with_nll:
+            out["nll"] = _task_mean(-dist.log_prob(y).sum(-1).to(torch.float64), mask)
+    return out
+
+
+def summarize(values: np.ndarray) -> Metric:
+    """Mean and 95% CI half-width of per-task values."""
+    n = len(values)
+    mean = float(np.mean(values))
+    ci = float(Z95 * np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return Metric(mean, ci)
+
+
+def evaluate(
+    learner: Learner,
+    family: TaskFamily,
+    *,
+    episodes: int | None = None,
+    seed: int = 0,
+    split: Split = "test",
+    batch_tasks: int = 100,
+    with_oracle: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Evaluation:
+    """Score ``learner`` (and the family's oracle) on ``episodes`` held-out tasks drawn from ``seed``.
+
+    Tasks come from :meth:`TaskFamily.eval_episodes`, so the same ``seed`` gives the
+    same tasks for every learner. ``batch_tasks`` only bounds memory: results do
+    not depend on it.
+    """
+    n = default_episodes(family) if episodes is None else episodes
+    if n < 2:
+        raise ValueError(f"episodes must be >= 2 for a confidence interval, got {n}")
+    if batch_tasks < 1:
+        raise ValueError(f"batch_tasks must be >= 1, got {batch_tasks}")
+    all_tasks = family.eval_episodes(seed, n, split=split)
+    oracle_fn = family.spec.oracle if (with_oracle and family.has_oracle) else None
+    learner.to(device)
+    learner.eval()
+    per: dict[str, list[Tensor]] = {}
+    oper: dict[str, list[Tensor]] = {}
+    bar = tqdm(total=n, disable=not progress, desc=f"eval {learner.registry_name}", unit="task", leave=False)
+    with torch.no_grad():
+        for lo in range(0, n, batch_tasks):
+            ep = all_tasks[lo: lo + batch_tasks].to(device)
+            dist = learner.predict(ep.support_x, ep.support_y, ep.query_x, support_mask=ep.support_mask)
+            for k, v in score(dist, ep, with_nll=learner.probabilistic).items():
+                per.setdefault(k, []).append(v.cpu())
+            if oracle_fn is not None:
+                odist = oracle_fn(ep.support_x, ep.support_y, ep.query_x, support_mask=ep.support_mask)
+                for k, v in score(odist, ep, with_nll=True).items():
+                    oper.setdefault(k, []).append(v.cpu())
+            bar.update(ep.n_tasks)
+    bar.close()
+    per_np = {k: torch.cat(v).numpy() for k, v in per.items()}
+    oper_np = {k: torch.cat(v).numpy() for k, v in oper.items()} if oracle_fn is not None else None
+    for k, v in per_np.items():
+        if not np.isfinite(v).all():
+            raise FloatingPointError(f"the learner's {k} is non-finite on {int((~np.isfinite(v)).sum())} tasks")
+    return Evaluation(
+        task=family.registry_name, learner=learner.registry_name, episodes=n, seed=seed,
+        metrics={k: summarize(v) for k, v in per_np.items()},
+        oracle={k: summarize(v) for k, v in oper_np.items()} if oper_np is not None else None,
+        per_task=per_np, oracle_per_task=oper_np,
+    )

@@ -1,0 +1,6 @@
+"""Learners. Importing this package registers the built-in learners."""
+
+from metalens.learners.base import Learner, TourPlan
+from metalens.learners import baselines  # noqa: F401  (registration)
+
+__all__ = ["Learner", "TourPlan"]

@@ -1,0 +1,114 @@
+"""The learner contract, shared by every lens.
+
+A learner is an ``nn.Module`` whose parameters are the meta-parameters. It maps a
+support set to a predictive distribution over query targets, batched over tasks::
+
+    predict(support_x [T, S, *x], support_y [T, S, dy] | [T, S],
+            query_x [T, Q, *x], *, support_mask [T, S] | None) -> Distribution
+
+The distribution's ``batch_shape`` is ``[T, Q, dy]`` for regression (its ``mean``
+is the point prediction; ``log_prob(query_y)`` is ``[T, Q, dy]``) and ``[T, Q]``
+for classification (a ``Categorical`` over the N classes). Padded support points
+(``support_mask == False``) must not influence predictions.
+
+``meta_loss(episode, generator=g)`` returns the scalar loss whose gradient is the
+meta-gradient, and a dict of floats to log. All of the learner's randomness comes
+from ``g`` (derived by the trainer from (seed, step)), which keeps resuming exact.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Categorical, Distribution, Normal
+
+from metalens.episode import Episode, TaskSpec
+
+__all__ = ["Learner", "TourPlan", "masked_mean", "query_loss"]
+
+
+@dataclass(frozen=True)
+class TourPlan:
+    """How ``metalens tour`` shows a learner: its canonical family and a small budget."""
+
+    task: str
+    task_options: dict[str, Any] = field(default_factory=dict)
+    learner_options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (steps, batch_tasks, lr...)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values [T, P]`` over valid points (``mask [T, P]``) and tasks."""
+    if mask is None:
+        return values.mean()
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum()
+
+
+def query_loss(dist: Distribution, y: Tensor, mask: Tensor | None, *, kind: str, mse: bool) -> Tensor:
+    """The training loss of a predictive ``dist`` on targets ``y``, averaged per point.
+
+    Classification: cross-entropy. Regression: mean squared error of the mean when
+    ``mse`` (MSE-trained regressors), else the Gaussian negative log-likelihood.
+    """
+    if kind == "classification":
+        per_point = -dist.log_prob(y)  # [T, P]
+    elif mse:
+        per_point = ((dist.mean - y) ** 2).mean(-1)  # [T, P]
+    else:
+        per_point = -dist.log_prob(y).sum(-1)  # [T, P]
+    return masked_mean(per_point, mask)
+
+
+class Learner(nn.Module, ABC):
+    """Base class of all learners (see the module docstring).
+
+    Class attributes:
+
+    - ``trainable``: False for learners with nothing to meta-train (``oracle``,
+      ``scratch``); the trainer then only records the run.
+    - ``probabilistic``: True when ``predict``'s distribution is a real predictive
+      (its NLL is reported); False for MSE-trained regressors whose Normal only
+      carries the mean.
+    """
+
+    Config: ClassVar[type]
+    registry_name: ClassVar[str]
+    trainable: ClassVar[bool] = True
+    probabilistic: ClassVar[bool] = False
+    tour: ClassVar[TourPlan | None] = None
+
+    def __init__(self, spec: TaskSpec, config: Any) -> None:
+        super().__init__()
+        self.spec = spec
+        self.config = config
+
+    @abstractmethod
+    def predict(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, support_mask: Tensor | None = None
+    ) -> Distribution:
+        """Predictive distribution over query targets (see the module docstring)."""
+
+    def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Default: the query loss of :meth:`predict` (MSE or NLL, or cross-entropy)."""
+        dist = self.predict(episode.support_x, episode.support_y, episode.query_x, support_mask=episode.support_mask)
+        loss = query_loss(dist, episode.query_y, episode.query_mask, kind=self.spec.kind, mse=not self.probabilistic)
+        return loss, {"loss": float(loss.detach())}
+
+    # -- helpers for subclasses -------------------------------------------------------------------
+    def output_distribution(self, out: Tensor, *, scale: Tensor | float = 1.0) -> Distribution:
+        """Wrap a network's raw output ``[T, Q, out]`` as the contract's distribution."""
+        if self.spec.is_classification:
+            return Categorical(logits=out)
+        return Normal(out, torch.as_tensor(scale, dtype=out.dtype, device=out.device).expand_as(out))
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.num_classes if self.spec.is_classification else self.spec.y_dim
+
+    def extra_repr(self) -> str:
+        return repr(self.config)

@@ -1,0 +1,132 @@
+"""Reports: what a run or a comparison produced, as JSON for machines and Markdown +
+PNG figures for people."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalens.checkpoint import write_json_atomic
+from metalens.evaluate import Evaluation, Metric
+from metalens.learners.base import Learner
+from metalens.tasks.base import TaskFamily
+
+__all__ = ["metrics_table", "write_report", "plot_regression_tasks"]
+
+_LOWER_IS_BETTER = {"mse": True, "nll": True, "accuracy": False}
+
+
+def _fmt(m: Metric | None, name: str) -> str:
+    if m is None:
+        return "–"
+    if name == "accuracy":
+        return f"{100 * m.mean:.2f}% ± {100 * m.ci95:.2f}"
+    return f"{m.mean:.4f} ± {m.ci95:.4f}"
+
+
+def metrics_table(evals: Sequence[Evaluation]) -> str:
+    """A Markdown table: one row per evaluation, its metrics beside the oracle's on the same tasks."""
+    names: list[str] = []
+    for e in evals:
+        for k in list(e.metrics) + list(e.oracle or {}):
+            if k not in names:
+                names.append(k)
+    head = ["learner", "task", "episodes"] + names + [f"oracle {k}" for k in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in evals:
+        row = [f"`{e.learner}`", f"`{e.task}`", str(e.episodes)]
+        row += [_fmt(e.metrics.get(k), k) for k in names]
+        row += [_fmt((e.oracle or {}).get(k), k) for k in names]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_regression_tasks(
+    path: str | Path,
+    family: TaskFamily,
+    learners: dict[str, Learner],
+    *,
+    n_tasks: int = 4,
+    seed: int = 0,
+    title: str = "",
+) -> Path | None:
+    """Predictions of each learner on a few held-out 1-D tasks, against the oracle.
+
+    The oracle's predictive mean and a ±2 standard-deviation band are drawn on a
+    dense grid over the family's input range. Returns None for families that are
+    not 1-D regression.
+    """
+    spec = family.spec
+    if spec.is_classification or spec.x_shape != (1,) or spec.x_range is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = family.eval_episodes(seed, n_tasks)
+    lo, hi = spec.x_range
+    grid = torch.linspace(lo, hi, 200, dtype=ep.query_x.dtype).view(1, -1, 1).expand(n_tasks, -1, -1)
+    fig, axes = plt.subplots(1, n_tasks, figsize=(4 * n_tasks, 3.2), sharey=True, squeeze=False)
+    with torch.no_grad():
+        preds = {name: lrn.predict(ep.support_x, ep.support_y, grid, support_mask=ep.support_mask).mean
+                 for name, lrn in learners.items()}
+        oracle = spec.oracle(ep.support_x, ep.support_y, grid, support_mask=ep.support_mask) if spec.oracle else None
+    xs = grid[0, :, 0].numpy()
+    for t, ax in enumerate(axes[0]):
+        if oracle is not None:
+            mean, sd = oracle.mean[t, :, 0].numpy(), oracle.variance[t, :, 0].sqrt().numpy()
+            ax.fill_between(xs, mean - 2 * sd, mean + 2 * sd, color="0.85", label="oracle ±2 sd")
+            ax.plot(xs, mean, color="k", lw=1.5, label="oracle mean")
+        for name, p in preds.items():
+            ax.plot(xs, p[t, :, 0].numpy(), lw=1.2, label=name)
+        m = ep.support_mask[t] if ep.support_mask is not None else slice(None)
+        ax.scatter(ep.support_x[t][m][:, 0].numpy(), ep.support_y[t][m][:, 0].numpy(), color="crimson",
+                   zorder=5, s=18, label="support")
+        ax.set_title(f"held-out task {t}")
+        ax.set_xlabel("x")
+    axes[0][0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    out: str | Path,
+    *,
+    title: str,
+    evaluations: Sequence[Evaluation],
+    figures: Sequence[Path] = (),
+    notes: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``report.md`` and ``report.json`` into ``out``; returns the Markdown path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", ""]
+    if notes:
+        md += [notes, ""]
+    md += [metrics_table(evaluations), ""]
+    md += ["Metrics are per target point, averaged per task, then mean ± 95% CI half-width "
+           "(1.96 std / sqrt(n)) over held-out tasks; the oracle is scored on the very same tasks.", ""]
+    for f in figures:
+        md += [f"![{f.stem}]({f.relative_to(out).as_posix()})", ""]
+    path = out / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(md), encoding="utf-8")
+    tmp.replace(path)
+    write_json_atomic(out / "report.json", {
+        "title": title,
+        "evaluations": [e.to_json() for e in evaluations],
+        "figures": [f.relative_to(out).as_posix() for f in figures],
+        **(extra or {}),
+    })
+    return path

@@ -1,0 +1,194 @@
+"""The Python API behind the CLI: build by name, train into a run folder, load it back.
+
+A run folder holds::
+
+    config.json      the resolved configuration (task, learner, train), enough to repeat the run
+    log.jsonl        one JSON object per logged training step
+    checkpoints/     atomic safetensors + JSON checkpoints (see metalens.checkpoint)
+
+>>> import metalens
+>>> family = metalens.make_task("sinusoid", shots=5)
+>>> learner = metalens.make_learner("oracle", family)
+>>> learner.predict(*(lambda e: (e.support_x, e.support_y, e.query_x))(family.eval_episodes(0, 2))).mean.shape
+torch.Size([2, 10, 1])
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from metalens import __version__, checkpoint
+from metalens.config import ConfigError, from_dict, to_dict
+from metalens.episode import TaskSpec
+from metalens.evaluate import Evaluation, evaluate
+from metalens.learners.base import Learner
+from metalens.nets import seeded_init
+from metalens.registry import LEARNERS, TASKS
+from metalens.tasks.base import TaskFamily
+from metalens.train import TrainConfig, TrainResult, train
+
+__all__ = ["RunConfig", "Run", "RunFolderError", "make_task", "make_learner", "start_run", "load_run"]
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (it holds another run, or no run)."""
+
+
+def make_task(name: str, **options: Any) -> TaskFamily:
+    """Build the task family ``name`` with ``options`` (its ``Config`` fields)."""
+    entry = TASKS[name]
+    return entry.cls(from_dict(entry.cls.Config, options))
+
+
+def make_learner(name: str, task: TaskFamily | TaskSpec, *, seed: int = 0, **options: Any) -> Learner:
+    """Build learner ``name`` for a task family (or its spec); initial weights depend on ``seed`` only."""
+    entry = LEARNERS[name]
+    spec = task.spec if isinstance(task, TaskFamily) else task
+    config = from_dict(entry.cls.Config, options)
+    with seeded_init(seed):
+        try:
+            return entry.cls(spec, config)
+        except ValueError as e:
+            raise ConfigError(f"learner {name!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; saved as ``config.json`` in the run folder."""
+
+    task: str
+    learner: str
+    task_options: dict[str, Any]
+    learner_options: dict[str, Any]
+    train: TrainConfig
+
+    @classmethod
+    def resolve(cls, task: str, learner: str, task_options: dict[str, Any] | None = None,
+                learner_options: dict[str, Any] | None = None,
+                train_options: dict[str, Any] | None = None) -> RunConfig:
+        """Validate names and options and fill in every default."""
+        parts = []
+        for what, cfg_cls, opts in (("task " + repr(task), TASKS[task].cls.Config, task_options),
+                                    ("learner " + repr(learner), LEARNERS[learner].cls.Config, learner_options),
+                                    ("train", TrainConfig, train_options)):
+            try:
+                parts.append(from_dict(cfg_cls, opts or {}))
+            except ConfigError as e:
+                raise ConfigError(f"{what}: {e}") from None
+        t_cfg, l_cfg, tr_cfg = parts
+        return cls(task, learner, to_dict(t_cfg), to_dict(l_cfg), tr_cfg)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metalens": __version__,
+                "task": {"name": self.task, **self.task_options},
+                "learner": {"name": self.learner, **self.learner_options},
+                "train": to_dict(self.train)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunConfig:
+        try:
+            t, l_, tr = dict(data["task"]), dict(data["learner"]), dict(data["train"])
+            return cls.resolve(t.pop("name"), l_.pop("name"), t, l_, tr)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"config.json lacks {e}") from None
+
+    def build(self) -> tuple[TaskFamily, Learner]:
+        family = make_task(self.task, **self.task_options)
+        return family, make_learner(self.learner, family, seed=self.train.seed, **self.learner_options)
+
+
+@dataclass
+class Run:
+    """A configured run: its family, its learner and (optionally) its folder."""
+
+    config: RunConfig
+    family: TaskFamily
+    learner: Learner
+    path: Path | None = None
+    step: int = 0
+
+    def train(self, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
+        res = train(self.learner, self.family, self.config.train, run_dir=self.path, resume=resume,
+                    progress=progress)
+        self.step = res.step
+        return res
+
+    def evaluate(self, **kwargs: Any) -> Evaluation:
+        """:func:`metalens.evaluate.evaluate` of this run's learner on its family."""
+        return evaluate(self.learner, self.family, **kwargs)
+
+
+def _read_config(path: Path) -> RunConfig:
+    cfg_file = path / "config.json"
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} is not a metalens run folder (no config.json)") from None
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{cfg_file} is not valid JSON: {e}") from None
+    return RunConfig.from_json(data)
+
+
+def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False) -> Run:
+    """Prepare a run (and its folder) without training it yet.
+
+    A new run refuses a folder that is not empty. ``resume=True`` needs the folder
+    to hold a run with the same configuration (only ``train.steps`` may grow).
+    """
+    path = Path(out) if out is not None else None
+    if path is not None:
+        if resume:
+            saved = _read_config(path)
+            if replace(saved.train, steps=config.train.steps) != config.train or (
+                    saved.task, saved.learner, saved.task_options, saved.learner_options) != (
+                    config.task, config.learner, config.task_options, config.learner_options):
+                raise RunFolderError(
+                    f"{path} holds a run with a different configuration; --resume continues it as it "
+                    "was configured (only train.steps may change)")
+        elif path.exists() and any(path.iterdir()):
+            what = "holds a run" if (path / "config.json").exists() else "is not empty"
+            hint = "pass --resume to continue it, or " if what == "holds a run" else ""
+            raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
+        path.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json_atomic(path / "config.json", config.to_json())
+    family, learner = config.build()
+    return Run(config, family, learner, path)
+
+
+def load_run(path: str | Path, *, task_options: dict[str, Any] | None = None,
+             learner_options: dict[str, Any] | None = None) -> Run:
+    """Load a trained run from its folder, at its newest checkpoint.
+
+    ``task_options`` / ``learner_options`` change evaluation-time settings (e.g.
+    shots, adaptation steps) without touching the trained parameters; an option
+    that would change the parameters' shapes is refused.
+    """
+    path = Path(path)
+    saved = _read_config(path)
+    cfg = RunConfig.resolve(saved.task, saved.learner, {**saved.task_options, **(task_options or {})},
+                            {**saved.learner_options, **(learner_options or {})}, to_dict(saved.train))
+    family, learner = cfg.build()
+    ckpt = checkpoint.load(checkpoint.latest(path))
+    missing, unexpected = _compare_state(learner, ckpt.model)
+    if missing or unexpected:
+        changed = sorted(set(learner_options or {}) | set(task_options or {}))
+        raise ConfigError(
+            f"the checkpoint in {path} does not fit the learner as configured "
+            f"({'; '.join(missing + unexpected)[:200]}); "
+            f"the options {', '.join(changed) or '(none)'} change the parameters' shapes and cannot be "
+            "changed at evaluation")
+    learner.load_state_dict(ckpt.model)
+    learner.eval()
+    return Run(cfg, family, learner, path, step=ckpt.step)
+
+
+def _compare_state(learner: Learner, state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    own = learner.state_dict()
+    missing = [f"missing {k}" for k in own if k not in state]
+    unexpected = [f"unexpected {k}" for k in state if k not in own]
+    shapes = [f"{k}: {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return missing + shapes, unexpected

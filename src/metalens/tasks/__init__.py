@@ -1,0 +1,6 @@
+"""Task families. Importing this package registers the built-in families."""
+
+from metalens.tasks.base import EVAL_CHUNK, Split, TaskFamily
+from metalens.tasks import sinusoid, gp, linear, clusters  # noqa: F401  (registration)
+
+__all__ = ["TaskFamily", "Split", "EVAL_CHUNK"]

@@ -1,0 +1,131 @@
+"""The CLI end to end on tiny budgets, and its errors: one line on stderr, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from metalens.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    for name in ("sinusoid", "gp", "linear", "clusters", "oracle", "scratch", "pretrain"):
+        assert f"  {name} " in out
+    code, out, _ = run(capsys, "list", "sinusoid")
+    assert code == 0 and "--set task.shots=" in out
+
+
+def test_train_eval_resume_end_to_end(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--task", "sinusoid", "--learner", "pretrain", "--steps", "6",
+                         "--seed", "1", "--out", str(out_dir), "--set", "train.batch_tasks=4",
+                         "--set", "learner.hidden=[8]", "--set", "train.checkpoint_every=3", "--quiet")
+    assert code == 0, err
+    assert "trained pretrain on sinusoid: 6 steps" in out
+    cfg = json.loads((out_dir / "config.json").read_text())
+    assert cfg["train"]["seed"] == 1 and cfg["learner"]["hidden"] == [8] and cfg["task"]["name"] == "sinusoid"
+
+    code, out, err = run(capsys, "eval", str(out_dir), "--episodes", "20", "--json")
+    assert code == 0, err
+    res = json.loads(out)  # exactly one JSON object
+    assert set(res) == {"task", "learner", "episodes", "metrics", "oracle"}
+    assert res["episodes"] == 20 and res["task"] == "sinusoid" and res["learner"] == "pretrain"
+    assert set(res["metrics"]["mse"]) == {"mean", "ci95"} and res["oracle"]["mse"]["mean"] < res["metrics"]["mse"]["mean"]
+
+    code, out2, _ = run(capsys, "eval", str(out_dir), "--episodes", "20", "--json",
+                        "--set", "learner.finetune_steps=0", "--set", "task.shots=3")
+    assert code == 0 and json.loads(out2)["metrics"] != res["metrics"]
+
+    # resume with more steps from the folder alone
+    code, out, err = run(capsys, "train", "--resume", "--out", str(out_dir), "--steps", "9", "--quiet")
+    assert code == 0, err
+    assert "9 steps" in out
+
+
+def test_config_file(capsys, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('task = "sinusoid"\n[learner]\nname = "pretrain"\nhidden = [4]\n[train]\nsteps = 2\nbatch_tasks = 2\n')
+    code, out, err = run(capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "r"), "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["learner"]["hidden"] == [4]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--task", "nope", "--learner", "pretrain", "--out", "{tmp}/a"], "unknown task family 'nope'; known: sinusoid"),
+    (["train", "--task", "sinusoid", "--learner", "nope", "--out", "{tmp}/a"], "unknown learner 'nope'"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "task.shots=0"],
+     "task 'sinusoid': shots must be >= 1, got 0"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "task.shot=3"],
+     "unknown option 'shot'"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "shots=3"],
+     "--set key must be section.key"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "train.lr=fast"],
+     "train: option 'lr' expects a number"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--steps", "0"], "--steps"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--config", "{tmp}/missing.toml"],
+     "cannot read config file"),
+    (["train", "--learner", "pretrain", "--out", "{tmp}/a"], "--task and --learner are required"),
+    (["train", "--bogus"], "No such option"),
+    (["train", "--resume", "--out", "{tmp}/nothing"], "not a metalens run folder"),
+    (["eval", "{tmp}/nothing"], "not a metalens run folder"),
+    (["eval", "{tmp}/nothing", "--episodes", "1"], "--episodes"),
+    (["tour", "--learner", "nope"], "unknown learner 'nope'"),
+    (["list", "nope"], "unknown task family or learner 'nope'"),
+    (["frobnicate"], "No such command"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--threads", "0"], "--threads"),
+])
+def test_errors_are_one_line_and_exit_2(capsys, tmp_path, argv, match):
+    code, out, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "a").exists()  # nothing written for a rejected command
+
+
+def test_existing_run_is_not_overwritten(capsys, tmp_path):
+    args = ["train", "--task", "sinusoid", "--learner", "oracle", "--out", str(tmp_path / "r"), "--quiet"]
+    assert run(capsys, *args)[0] == 0
+    before = (tmp_path / "r" / "config.json").read_text()
+    code, _, err = run(capsys, *args[:-1], "--set", "task.shots=3")
+    assert code == 2 and "holds a run" in err
+    assert (tmp_path / "r" / "config.json").read_text() == before
+
+
+def test_eval_rejects_train_options_and_shape_changes(capsys, tmp_path):
+    run(capsys, "train", "--task", "sinusoid", "--learner", "pretrain", "--steps", "2", "--out", str(tmp_path / "r"),
+        "--set", "learner.hidden=[4]", "--quiet")
+    code, _, err = run(capsys, "eval", str(tmp_path / "r"), "--set", "train.lr=1")
+    assert code == 2 and "task.* and learner.*" in err
+    code, _, err = run(capsys, "eval", str(tmp_path / "r"), "--set", "learner.hidden=[5]")
+    assert code == 2 and "cannot be changed at evaluation" in err
+
+
+def test_tour_smoke(capsys, tmp_path):
+    code, out, err = run(capsys, "tour", "--out", str(tmp_path / "t"), "--learner", "oracle", "--learner", "pretrain",
+                         "--episodes", "20", "--steps-scale", "0.005", "--quiet")
+    assert code == 0, err
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert [e["learner"] for e in report["evaluations"]] == ["oracle", "pretrain"]
+    assert (tmp_path / "t" / "figures" / "sinusoid.png").stat().st_size > 1000
+    assert "| `pretrain` | `sinusoid` | 20 |" in (tmp_path / "t" / "report.md").read_text()
+    # a second tour reuses the finished runs
+    code, out, err = run(capsys, "tour", "--out", str(tmp_path / "t"), "--learner", "pretrain", "--episodes", "20",
+                         "--steps-scale", "0.005", "--quiet")
+    assert code == 0, err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "metalens", "eval", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("metalens: error:") and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "metalens", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "metalens" in proc.stdout

@@ -1,0 +1,129 @@
+"""The trainer: determinism in (seed, step), bit-exact resume, the non-finite stop."""
+
+import json
+
+import pytest
+import torch
+
+import metalens
+from metalens import checkpoint
+from metalens.run import RunConfig, RunFolderError, load_run, start_run
+from metalens.train import TrainConfig, TrainingDiverged, train
+
+
+def _cfg(steps=8, **train):
+    return RunConfig.resolve("sinusoid", "pretrain", {"shots": 5}, {"hidden": [16, 16], "finetune_steps": 2},
+                             {"steps": steps, "batch_tasks": 4, "checkpoint_every": 4, "log_every": 2,
+                              "lr": 0.01, **train})
+
+
+def _params(learner):
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
+def test_episode_depends_on_seed_and_step_only():
+    fam = metalens.make_task("sinusoid")
+    a = fam.episode(3, 10, 5)
+    fam.episode(3, 0, 5)  # other draws in between must not matter
+    b = fam.episode(3, 10, 5)
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_y, b.query_y)
+    assert not torch.equal(a.support_x, fam.episode(3, 11, 5).support_x)
+    assert not torch.equal(a.support_x, fam.episode(4, 10, 5).support_x)
+
+
+def test_same_seed_same_run_and_training_reduces_loss(tmp_path):
+    runs = []
+    for i in range(2):
+        run = start_run(_cfg(steps=30), tmp_path / f"r{i}")
+        run.train(progress=False)
+        runs.append(run)
+    p0, p1 = _params(runs[0].learner), _params(runs[1].learner)
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    log = [json.loads(line) for line in (tmp_path / "r0" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(2, 31, 2))
+    first, last = log[0]["loss"], sum(r["loss"] for r in log[-3:]) / 3
+    assert last < first, (first, last)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full = start_run(_cfg(steps=8), tmp_path / "full")
+    full.train(progress=False)
+    # An interrupted run: 4 steps (checkpoint at 4), then resumed to 8 from the folder alone.
+    part = start_run(_cfg(steps=4), tmp_path / "part")
+    part.train(progress=False)
+    resumed = start_run(_cfg(steps=8), tmp_path / "part", resume=True)
+    resumed.train(resume=True, progress=False)
+    pf, pr = _params(full.learner), _params(resumed.learner)
+    assert all(torch.equal(pf[k], pr[k]) for k in pf), "resumed run differs from the uninterrupted one"
+    loaded = load_run(tmp_path / "part")
+    assert loaded.step == 8
+    assert all(torch.equal(pf[k], v) for k, v in _params(loaded.learner).items())
+    steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_resume_drops_log_lines_after_the_checkpoint(tmp_path):
+    run = start_run(_cfg(steps=4), tmp_path / "r")
+    run.train(progress=False)
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:  # a crash after logging step 6, before checkpoint 8
+        f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n")
+    resumed = start_run(_cfg(steps=8), tmp_path / "r", resume=True)
+    resumed.train(resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    run = start_run(_cfg(steps=8), tmp_path / "r")
+    real = run.learner.meta_loss
+    calls = {"n": 0}
+
+    def poisoned(episode, generator=None):
+        calls["n"] += 1
+        loss, m = real(episode, generator=generator)
+        return (loss * float("nan") if calls["n"] == 6 else loss), m
+
+    run.learner.meta_loss = poisoned
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 6; the last good checkpoint "
+                                               r"is intact: .*step_00000004"):
+        run.train(progress=False)
+    ck = checkpoint.load(checkpoint.latest(tmp_path / "r"))
+    assert ck.step == 4
+    assert all(torch.isfinite(v).all() for v in ck.model.values())
+
+
+def test_run_folder_is_never_overwritten(tmp_path):
+    start_run(_cfg(), tmp_path / "r").train(progress=False)
+    with pytest.raises(RunFolderError, match="holds a run; pass --resume"):
+        start_run(_cfg(), tmp_path / "r")
+    with pytest.raises(RunFolderError, match="different configuration"):
+        start_run(_cfg(lr=0.5), tmp_path / "r", resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="is not empty"):
+        start_run(_cfg(), tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    with pytest.raises(RunFolderError, match="not a metalens run folder"):
+        start_run(_cfg(), tmp_path / "other", resume=True)
+
+
+def test_trainconfig_validation():
+    for bad, match in [({"steps": 0}, "steps must be >= 1"), ({"lr": 0.0}, "lr must be > 0"),
+                       ({"batch_tasks": 0}, "batch_tasks must be >= 1"), ({"seed": -1}, "seed must be >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
+
+
+def test_untrainable_learner_records_a_checkpoint(tmp_path):
+    cfg = RunConfig.resolve("sinusoid", "oracle", {}, {}, {"steps": 5})
+    run = start_run(cfg, tmp_path / "o")
+    res = run.train(progress=False)
+    assert res.checkpoint is not None and checkpoint.load(res.checkpoint).step == 5
+    assert load_run(tmp_path / "o").learner.registry_name == "oracle"
+
+
+def test_train_without_folder():
+    fam = metalens.make_task("sinusoid")
+    lrn = metalens.make_learner("pretrain", fam, hidden=[8])
+    res = train(lrn, fam, TrainConfig(steps=3, batch_tasks=2), progress=False)
+    assert res.step == 3 and res.checkpoint is None
