@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from metalens import rng
 
-__all__ = ["MLP", "ACTIVATIONS", "seeded_init"]
+__all__ = ["MLP", "Conv4", "TaskBatchNorm2d", "ACTIVATIONS", "seeded_init"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -61,6 +61,82 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[: x.dim() - len(self.in_shape)]
         return self.layers(x.reshape(*lead, -1))
+
+
+class TaskBatchNorm2d(nn.Module):
+    """Batch normalisation with statistics of the current batch only, written in primitive ops.
+
+    ``forward(x [..., B, C, H, W])``: each leading index (a task) is normalised with
+    the mean and variance over its own ``B, H, W`` -- per-task batch statistics,
+    never running statistics shared across tasks (as in Finn et al.'s MAML code).
+    Under ``vmap`` over tasks every call sees one task's batch, so the two uses agree.
+
+    Why not ``nn.BatchNorm2d``: besides its running statistics, ``vmap`` over
+    ``torch.func.grad`` with a second-order backward through it gives wrong
+    meta-gradients (functorch issue 534); these primitive ops differentiate exactly.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = (-4, -2, -1)  # batch, height, width of each task
+        mean = x.mean(dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dims, keepdim=True)
+        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
+        return x_hat * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class Conv4(nn.Module):
+    """The Conv-4 backbone of the few-shot literature (Vinyals et al. 2016; Finn et al. 2017).
+
+    4 x [3x3 conv (``channels``, padding 1), batch norm, ReLU, 2x2 max-pool], then a
+    linear head to ``out_features`` (``out_features=0``: no head, the flattened
+    embedding is the output, as for Prototypical Networks). For 28x28 inputs the
+    embedding has ``channels`` features (spatial size 28 -> 14 -> 7 -> 3 -> 1).
+
+    ``forward(x [..., B, C, H, W]) -> [..., B, out]``; batch norm uses per-task batch
+    statistics (:class:`TaskBatchNorm2d`).
+
+    >>> net = Conv4(in_shape=(1, 28, 28), out_features=5, channels=8)
+    >>> net(torch.zeros(3, 10, 1, 28, 28)).shape
+    torch.Size([3, 10, 5])
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_features: int, channels: int = 64, blocks: int = 4) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ValueError(f"Conv4 needs image inputs (channels, height, width), got in_shape={tuple(in_shape)}")
+        if channels < 1 or blocks < 1:
+            raise ValueError(f"channels and blocks must be >= 1, got {channels} and {blocks}")
+        c, h, w = in_shape
+        self.in_shape = tuple(in_shape)
+        layers: list[nn.Module] = []
+        for _ in range(blocks):
+            layers += [nn.Conv2d(c, channels, 3, padding=1), TaskBatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
+            c, h, w = channels, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"inputs of {tuple(in_shape)} are too small for {blocks} pooling blocks")
+        self.features = nn.Sequential(*layers)
+        self.embedding_dim = c * h * w
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[: x.dim() - 3]
+        if len(lead) == 0:
+            raise ValueError("Conv4 expects [..., batch, channels, height, width]")
+        # fold leading dims into one batch for the convolutions, keep them for the norm
+        z = x.reshape(-1, *x.shape[-3:])
+        for layer in self.features:
+            if isinstance(layer, TaskBatchNorm2d):
+                z = layer(z.view(*lead, *z.shape[-3:])).reshape(-1, *z.shape[-3:])
+            else:
+                z = layer(z)
+        z = z.reshape(*lead, -1)
+        return self.head(z) if self.head is not None else z
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ KERNELS = ("rbf", "matern52", "periodic")
 # the noise variance and stays exact for the sampler.
 JITTER = 1e-6
 # Largest number of float64 entries of one [tasks, nodes, points, points] block in the oracle.
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 19
 _WP_DECAY = 8.0  # weakly periodic: decay length l_w = 8 l (ConvCNP: l = 0.25 -> l_w = 2)
 
 
@@ -73,17 +73,17 @@ def kernel_matrix(kernel: str, x1: Tensor, x2: Tensor, lengthscale: Tensor | flo
             [0.6065]])
     """
     ls = torch.as_tensor(lengthscale, dtype=x1.dtype, device=x1.device)
-    r = (x1[..., :, None] - x2[..., None, :]) / ls[..., None, None]
+    r = (x1[..., :, None] - x2[..., None, :]) / ls[..., None, None]  # a fresh tensor: updated in place below
     if kernel == "rbf":
-        k = torch.exp(-0.5 * r * r)
+        k = r.square_().mul_(-0.5).exp_()
     elif kernel == "matern52":
-        a = math.sqrt(5.0) * r.abs()
-        k = (1.0 + a + a * a / 3.0) * torch.exp(-a)
+        a = r.abs_().mul_(math.sqrt(5.0))
+        k = (a * a).div_(3.0).add_(a).add_(1.0).mul_(torch.exp(-a))
     elif kernel == "periodic":
-        k = torch.exp(-2.0 * torch.sin(math.pi * r) ** 2 - 0.5 * (r / _WP_DECAY) ** 2)
+        k = torch.sin(math.pi * r).square_().mul_(-2.0).add_(r.square_().mul_(-0.5 / _WP_DECAY**2)).exp_()
     else:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
-    return variance * k
+    return k.mul_(variance) if variance != 1.0 else k
 
 
 def _check_range(name: str, r: tuple[float, float]) -> None:
@@ -99,7 +99,8 @@ class GP(TaskFamily):
     class Config:
         """Options of the GP family (defaults: Gordon et al., 2020)."""
 
-        kernel: Literal["rbf", "matern52", "periodic"] = opt("rbf", "covariance: rbf, matern52 or periodic (weakly periodic)")
+        kernel: Literal["rbf", "matern52", "periodic"] = opt(
+            "rbf", "covariance: rbf, matern52 or periodic (weakly periodic)")
         lengthscale: float = opt(0.25, "kernel length scale (periodic: the period; ignored with lengthscale_range)")
         lengthscale_range: tuple[float, float] | None = opt(
             None, "(low, high): a length scale per task, log-uniform on [low, high]; None: fixed")

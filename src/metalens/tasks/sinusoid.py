@@ -107,19 +107,13 @@ class Sinusoid(TaskFamily):
         return Episode(x[:, :S], y[:, :S], x[:, S:], y[:, S:])
 
     # -- the oracle -------------------------------------------------------------------------------
-    def _grid(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Midpoint grid over (A, phase) as coefficients of f = a sin x + b cos x.
-
-        Returns ``a, b [G]`` (float64) with ``a = A cos(phase)``, ``b = -A sin(phase)``,
-        so that ``A sin(x - phase) = a sin x + b cos x``, and the ``[G, 2]`` (A, phase) nodes.
-        """
+    def _grid(self) -> tuple[Tensor, Tensor]:
+        """Midpoints of the oracle's grid cells: amplitudes ``A [nA]`` and phases ``P [nP]`` (float64)."""
         c = self.config
         (nA, nP), (a_lo, a_hi), (p_lo, p_hi) = c.oracle_grid, c.amplitude_range, c.phase_range
         A = a_lo + (a_hi - a_lo) * (torch.arange(nA, dtype=torch.float64) + 0.5) / nA
         P = p_lo + (p_hi - p_lo) * (torch.arange(nP, dtype=torch.float64) + 0.5) / nP
-        A, P = torch.meshgrid(A, P, indexing="ij")
-        A, P = A.reshape(-1), P.reshape(-1)
-        return A * torch.cos(P), -A * torch.sin(P), torch.stack([A, P], -1)
+        return A, P
 
     @property
     def oracle_std(self) -> float:
@@ -151,8 +145,8 @@ class Sinusoid(TaskFamily):
         stored with at most ``K = oracle_components`` components per task:
 
         - *concentrated posteriors* (all but 1e-6 of the mass on at most K grid
-          points, the usual case from a few shots): the K heaviest grid points,
-          exactly as above;
+          points, the usual case from a few shots): the heaviest grid points that
+          hold all but 1e-6 of the mass, exactly as above;
         - *broad posteriors* (one shot, large noise): the grid is cut into at most K
           blocks of ``b x b`` cells (8 x 8 by default) and each block becomes one
           Normal per query point whose mean and variance are the block's weighted
@@ -173,12 +167,18 @@ class Sinusoid(TaskFamily):
 
         Returns:
             ``MixtureSameFamily`` with ``batch_shape [T, Q, 1]`` in ``query_x.dtype``;
-            its ``mean`` is the posterior predictive mean.
+            its ``mean`` is the posterior predictive mean. Tasks needing fewer
+            components than others in the batch are padded with zero-weight ones
+            (finite logits of -1e4), so each task's predictive does not depend on
+            the rest of the batch.
         """
         T, S = _check_oracle_inputs(support_x, support_y, query_x, support_mask)
         c = self.config
         sigma = self.oracle_std
-        a, b, _ = self._grid()  # [G]
+        A, P = self._grid()
+        # A sin(x - P) = a sin x + b cos x with a = A cos P, b = -A sin P; grid point g = (i, j) -> i * nP + j
+        a = (A[:, None] * torch.cos(P)).reshape(-1)  # [G]
+        b = (-A[:, None] * torch.sin(P)).reshape(-1)
         basis = torch.stack([a, b, a * a, a * b, b * b])  # [5, G]
         x = support_x[..., 0].double()
         y = support_y[..., 0].double()
@@ -192,10 +192,10 @@ class Sinusoid(TaskFamily):
         xq = query_x[..., 0].double()
         sq, cq = torch.sin(xq)[..., None], torch.cos(xq)[..., None]  # [T, Q, 1]
         K = min(c.oracle_components, basis.shape[1])
-        blocks = _BlockSums(c.oracle_grid, K)
+        blocks = _BlockSums(A, P, K)
         chunk = max(1, _CHUNK_ELEMENTS // basis.shape[1])
         dtype = query_x.dtype
-        locs, scales, logits, width = [], [], [], 1
+        parts = []  # per chunk: loc, scale [t, Q, k], logit [t, k]
         for t0 in range(0, T, chunk):
             sl = slice(t0, t0 + chunk)
             logw = stats[sl] @ basis  # [t, G]
@@ -203,62 +203,79 @@ class Sinusoid(TaskFamily):
             w = logw.exp_()  # unnormalised weights, max 1
             w /= w.sum(1, keepdim=True)
             top_w, idx = torch.topk(w, K, dim=1)  # heaviest first
-            needed = (top_w.cumsum(1) < _MASS_KEPT).sum(1) + 1  # [t]
+            needed = (top_w.cumsum(1) < _MASS_KEPT).sum(1) + 1  # [t] components each task keeps
             fine = needed <= K
             loc = a[idx][:, None] * sq[sl] + b[idx][:, None] * cq[sl]  # [t, Q, K]
             scale = torch.full_like(loc, sigma)
             logit = top_w.clamp_min(1e-300).log()  # [t, K]
             if not bool(fine.all()):
-                b_loc, b_scale, b_logit = blocks(w, basis, sq[sl], cq[sl], sigma)  # [t, Q, nb], [t, nb]
+                b_loc, b_scale, b_logit = blocks(w, sq[sl], cq[sl], sigma)  # [t, Q, nb], [t, nb]
                 nb = b_logit.shape[1]
                 f = fine[:, None, None]
                 loc[..., :nb] = torch.where(f, loc[..., :nb], b_loc)
                 scale[..., :nb] = torch.where(f, scale[..., :nb], b_scale)
                 logit[:, :nb] = torch.where(fine[:, None], logit[:, :nb], b_logit)
-                logit[:, nb:] = torch.where(fine[:, None], logit[:, nb:], _EMPTY)
                 needed = torch.where(fine, needed, nb)
-            width = max(width, int(needed.max()))
-            locs.append(loc.to(dtype))
-            scales.append(scale.to(dtype))
-            logits.append(logit.to(dtype))
+            # a task's mixture depends on that task only, not on the others in the batch
+            logit = torch.where(torch.arange(K) < needed[:, None], logit, _EMPTY)
+            k = int(needed.max())
+            parts.append((loc[..., :k].to(dtype), scale[..., :k].to(dtype), logit[:, :k].to(dtype)))
+        width = max(p[2].shape[1] for p in parts)
+
+        def padded(i: int, value: float) -> Tensor:
+            return torch.cat([torch.nn.functional.pad(p[i], (0, width - p[i].shape[-1]), value=value) for p in parts])
+
         Q = xq.shape[1]
-        loc = torch.cat(locs)[..., None, :width]  # [T, Q, 1, K]
-        scale = torch.cat(scales)[..., None, :width]
-        logit = torch.cat(logits)[:, None, None, :width].expand(T, Q, 1, width)
+        loc = padded(0, 0.0)[:, :, None]  # [T, Q, 1, K]
+        scale = padded(1, sigma)[:, :, None]
+        logit = padded(2, _EMPTY)[:, None, None].expand(T, Q, 1, width)
         return MixtureSameFamily(Categorical(logits=logit), Normal(loc, scale))
 
 
 class _BlockSums:
-    """Merge grid cells into at most ``max_blocks`` blocks of ``f x f`` cells, moment-matched."""
+    """Merge the grid's cells into at most ``max_blocks`` blocks of ``f x f`` cells, moment-matched.
 
-    def __init__(self, grid: tuple[int, int], max_blocks: int) -> None:
-        nA, nP = grid
+    The weighted sums of ``(1, a, b, a^2, ab, b^2)`` over a block separate into
+    amplitude factors ``(1, A, A^2)`` and phase factors ``(1, cos, sin, cos^2,
+    cos sin, sin^2)``, so they are two small contractions of the weights.
+    """
+
+    def __init__(self, A: Tensor, P: Tensor, max_blocks: int) -> None:
+        nA, nP = A.numel(), P.numel()
         f = 1
         while math.ceil(nA / f) * math.ceil(nP / f) > max_blocks:
             f += 1
-        self.grid, self.f = (nA, nP), f
-        self.shape = (math.ceil(nA / f), math.ceil(nP / f))
+        bA, bP = math.ceil(nA / f), math.ceil(nP / f)
+        self.n, self.f, self.blocks = (nA, nP), f, (bA, bP)
+        pad = lambda v, n: torch.nn.functional.pad(v, (0, n * f - v.numel()))  # noqa: E731  zero weight
+        ones_a, ones_p = pad(torch.ones_like(A), bA), pad(torch.ones_like(P), bP)
+        A, cos, sin = pad(A, bA), pad(torch.cos(P), bP), pad(torch.sin(P), bP)
+        self.rows = torch.stack([ones_a, A, A * A]).view(3, bA, f).transpose(0, 1)  # [bA, 3, f]
+        self.cols = torch.stack([ones_p, cos, sin, cos * cos, cos * sin, sin * sin]).view(6, bP, f)
 
-    def __call__(self, w: Tensor, basis: Tensor, sq: Tensor, cq: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, w: Tensor, sq: Tensor, cq: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
         """Block mixture of the predictive.
 
-        Args: ``w [t, G]`` normalised grid weights; ``basis [5, G]`` = (a, b, a^2, ab, b^2);
-        ``sq, cq [t, Q, 1]`` = sin and cos of the queries.
+        Args: ``w [t, G]`` normalised grid weights; ``sq, cq [t, Q, 1]`` the sine and
+        cosine of the query inputs; ``sigma`` the components' noise scale.
 
         Returns: ``loc, scale [t, Q, nb]`` and log-weights ``[t, nb]``.
         """
-        (nA, nP), f, (bA, bP) = self.grid, self.f, self.shape
+        (nA, nP), f, (bA, bP) = self.n, self.f, self.blocks
         t = w.shape[0]
-        pad = (0, bP * f - nP, 0, bA * f - nA)
-
-        def block_sum(v: Tensor) -> Tensor:  # [t, G] -> [t, nb]
-            v = torch.nn.functional.pad(v.view(t, nA, nP), pad)
-            return v.view(t, bA, f, bP, f).sum((2, 4)).flatten(1)
-
-        W = block_sum(w)  # [t, nb]
+        w = w.view(t, nA, nP)
+        if (bA * f, bP * f) != (nA, nP):
+            w = torch.nn.functional.pad(w, (0, bP * f - nP, 0, bA * f - nA))
+        rows = self.rows @ w.view(t, bA, f, bP * f)  # [t, bA, 3, bP*f]: sums of (1, A, A^2) w
+        sums = torch.einsum("tikjf,cjf->tikjc", rows.view(t, bA, 3, bP, f), self.cols)  # [t, bA, 3, bP, 6]
+        W = sums[:, :, 0, :, 0].flatten(1)  # [t, nb]
         inv = 1.0 / W.clamp_min(1e-300)
-        # E[a], E[b], E[a^2], E[ab], E[b^2] within each block: [t, 1, nb]
-        Ea, Eb, Eaa, Eab, Ebb = ((block_sum(w * basis[k]) * inv)[:, None] for k in range(5))
+
+        def mean(k: int, c: int, sign: float = 1.0) -> Tensor:  # block mean of A^k trig_c: [t, 1, nb]
+            return (sign * sums[:, :, k, :, c].flatten(1) * inv)[:, None]
+
+        Ea, Eb = mean(1, 1), mean(1, 2, -1.0)  # a = A cos P, b = -A sin P
+        Eaa, Eab, Ebb = mean(2, 3), mean(2, 4, -1.0), mean(2, 5)
         loc = Ea * sq + Eb * cq  # [t, Q, nb]
         second = Eaa * sq * sq + 2 * Eab * sq * cq + Ebb * cq * cq
         var = (second - loc * loc).clamp_min(0.0) + sigma**2

@@ -1,0 +1,53 @@
+"""Backbones: shapes, per-task batch statistics, seeded initialisation."""
+
+import pytest
+import torch
+
+from metalens.nets import MLP, Conv4, TaskBatchNorm2d, seeded_init
+
+SEED = 0
+
+
+def test_task_batchnorm_matches_torch_batchnorm_in_training_mode():
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64)
+    ours, ref = TaskBatchNorm2d(4).double(), torch.nn.BatchNorm2d(4).double().train()
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(4, generator=g))
+        ref.weight.copy_(ours.weight)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_conv4_normalises_each_task_with_its_own_statistics():
+    net = Conv4((1, 28, 28), 5, channels=8)
+    x = torch.randn(3, 10, 1, 28, 28, generator=torch.Generator().manual_seed(SEED))
+    batched = net(x)
+    looped = torch.stack([net(x[t]) for t in range(3)])
+    torch.testing.assert_close(batched, looped)
+    shifted = x.clone()
+    shifted[0] += 3.0  # changing task 0 must not change tasks 1 and 2
+    torch.testing.assert_close(net(shifted)[1:], batched[1:])
+    assert Conv4((1, 28, 28), 0, channels=8)(x).shape == (3, 10, 8)  # no head: the embedding
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="image inputs"):
+        Conv4((784,), 5)
+    with pytest.raises(ValueError, match="too small"):
+        Conv4((1, 8, 8), 5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MLP((1,), 1, activation="swish")
+
+
+def test_seeded_init_is_deterministic_and_isolated():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    with seeded_init(SEED):
+        a = MLP((1,), 1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # global generator untouched
+    with seeded_init(SEED):
+        b = MLP((1,), 1)
+    with seeded_init(SEED + 1):
+        c = MLP((1,), 1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.layers[0].weight, c.layers[0].weight)
