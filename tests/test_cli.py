@@ -81,6 +81,9 @@ def test_config_file(capsys, tmp_path):
     (["tour", "--learner", "nope"], "unknown learner 'nope'"),
     (["list", "nope"], "unknown task family or learner 'nope'"),
     (["frobnicate"], "No such command"),
+    (["study", "nope"], "unknown study 'nope'"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "study.steps=3"],
+     "train --set accepts task.*, learner.* and train.* options only"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--threads", "0"], "--threads"),
 ])
 def test_errors_are_one_line_and_exit_2(capsys, tmp_path, argv, match):

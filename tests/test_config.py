@@ -62,7 +62,7 @@ def test_load_file(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('task = "sinusoid"\n[learner]\nname = "pretrain"\nhidden = [20]\n[train]\nsteps = 3\n')
     assert load_file(p) == {"task": {"name": "sinusoid"}, "learner": {"name": "pretrain", "hidden": [20]},
-                            "train": {"steps": 3}}
+                            "train": {"steps": 3}, "study": {}}
     p.write_text("[task\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_file(p)

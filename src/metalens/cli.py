@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,16 +98,24 @@ def list_cmd(name: str | None) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="override an option: task.*, learner.* or train.* (repeatable), e.g. --set task.shots=5.")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its newest checkpoint.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="processes to train data-parallel over tasks (torch.distributed: gloo on CPU, NCCL on CUDA); "
+                   "train.batch_tasks must be divisible by it. For several nodes use torchrun (see README).")
 @click.option("--quiet", is_flag=True, help="no progress bar.")
 @_threads_option
 def train(task: str | None, learner: str | None, steps: int | None, seed: int | None, out: Path,
-          config_file: str | None, sets: tuple[str, ...], resume: bool, quiet: bool,
+          config_file: str | None, sets: tuple[str, ...], resume: bool, nproc: int, quiet: bool,
           threads: int | None) -> None:
     """Meta-train a learner on a task family into a run folder."""
-    from metalens.run import RunConfig, _read_config, start_run
+    import torch
+
+    from metalens import checkpoint, distributed
+    from metalens.run import RunConfig, _read_config, start_run, train_worker
 
     _set_threads(threads)
     sec = _collect(config_file, sets)
+    if sec["study"]:
+        raise click.UsageError("train --set accepts task.*, learner.* and train.* options only")
     task = task or sec["task"].pop("name", None)
     learner = learner or sec["learner"].pop("name", None)
     sec["task"].pop("name", None)
@@ -126,12 +135,35 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
     if task is None or learner is None:
         raise click.UsageError("--task and --learner are required (or name them in --config)")
     cfg = RunConfig.resolve(task, learner, sec["task"], sec["learner"], sec["train"])
+    progress = None if not quiet else False
+    under_torchrun = distributed.init_from_env(cfg.train.device)
+    if nproc > 1 and under_torchrun:
+        raise click.UsageError("--nproc cannot be combined with torchrun; let torchrun start the processes")
+    world = nproc if nproc > 1 else distributed.world().size
+    if cfg.train.batch_tasks % world:
+        raise click.UsageError(f"train.batch_tasks ({cfg.train.batch_tasks}) must be divisible by the number "
+                               f"of processes ({world})")
+    t0 = time.perf_counter()
     run = start_run(cfg, out, resume=resume)
-    res = run.train(resume=resume, progress=None if not quiet else False)
-    last = ", ".join(f"{k} {v:.4g}" for k, v in res.last_metrics.items())
-    click.echo(f"trained {learner} on {task}: {res.step} steps in {res.seconds:.1f}s"
-               + (f" (last: {last})" if last else "") + f"; run folder {out}")
-    click.echo(f"evaluate it with: metalens eval {out}")
+    if nproc > 1:
+        try:
+            distributed.launch(nproc, train_worker, (cfg.to_json(), str(out), resume, progress),
+                               device=cfg.train.device, threads=torch.get_num_threads())
+        except distributed.LaunchError as e:
+            try:
+                kept = f"the last checkpoint is intact: {checkpoint.latest(out)}"
+            except checkpoint.CheckpointError:
+                kept = "no checkpoint had been written yet"
+            raise distributed.LaunchError(f"training stopped: {e}; {kept}") from None
+        metrics = checkpoint.load(checkpoint.latest(out)).state.get("metrics", {})
+    else:
+        metrics = run.train(resume=resume, progress=progress).last_metrics
+    if distributed.world().is_writer:
+        last = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        how = f" on {world} processes" if world > 1 else ""
+        click.echo(f"trained {learner} on {task}{how}: {cfg.train.steps} steps in {time.perf_counter() - t0:.1f}s"
+                   + (f" (last: {last})" if last else "") + f"; run folder {out}")
+        click.echo(f"evaluate it with: metalens eval {out}")
 
 
 @cli.command("eval")
@@ -152,7 +184,7 @@ def eval_cmd(run_dir: Path, episodes: int | None, seed: int, sets: tuple[str, ..
 
     _set_threads(threads)
     sec = _collect(None, sets)
-    if sec["train"]:
+    if sec["train"] or sec["study"]:
         raise click.UsageError("eval --set accepts task.* and learner.* options only")
     run = load_run(run_dir, task_options=sec["task"], learner_options=sec["learner"])
     ev = run.evaluate(episodes=episodes, seed=seed, batch_tasks=batch_tasks, progress=not as_json and sys.stderr.isatty())
@@ -184,28 +216,73 @@ def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_s
          progress=None if not quiet else False, echo=click.echo)
 
 
+@cli.command("study")
+@click.argument("name", required=False)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="folder for the study's runs and report [default: runs/study-NAME].")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="a study option, e.g. --set study.steps=500 (see `metalens study NAME --help-options`).")
+@click.option("--help-options", is_flag=True, help="list the study's options and exit.")
+@click.option("--quiet", is_flag=True, help="no progress bars.")
+@_threads_option
+def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_options: bool, quiet: bool,
+              threads: int | None) -> None:
+    """Run one of the literature's experiments (NAME) and write its report; no NAME lists them."""
+    from metalens.config import ConfigError, field_docs, from_dict
+    from metalens.registry import STUDIES
+
+    if name is None:
+        click.echo("Studies (metalens study NAME --out DIR):")
+        for e in STUDIES:
+            click.echo(f"  {e.name:<22} {e.summary}")
+        return
+    entry = STUDIES[name]
+    if help_options:
+        click.echo(f"{name}: {entry.summary}")
+        for field, (default, help_) in field_docs(entry.cls.Config).items():
+            click.echo(f"  --set study.{field}={json.dumps(default)}  {help_}")
+        return
+    sec = _collect(None, sets)
+    if sec["task"] or sec["learner"] or sec["train"]:
+        raise click.UsageError("study --set accepts study.* options only")
+    try:
+        config = from_dict(entry.cls.Config, sec["study"])
+    except ConfigError as e:
+        raise ConfigError(f"study {name!r}: {e}") from None
+    _set_threads(threads)
+    out = out or Path(f"runs/study-{name}")
+    path = entry.cls(config).run(out, progress=None if not quiet else False, echo=click.echo)
+    click.echo(f"report: {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
     from metalens.checkpoint import CheckpointError
     from metalens.config import ConfigError
+    from metalens.distributed import LaunchError
     from metalens.registry import UnknownName
     from metalens.run import RunFolderError
     from metalens.train import TrainingDiverged
 
     prog = "metalens"
+
+    def fail(message: str, code: int) -> int:
+        from metalens.distributed import world
+
+        if world().is_writer:  # under torchrun, one rank speaks for all
+            click.echo(message, err=True)
+        return code
+
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except click.UsageError as e:
         cmd = f" {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else ""
-        click.echo(f"{prog}{cmd}: error: {e.format_message()}", err=True)
-        return 2
+        return fail(f"{prog}{cmd}: error: {e.format_message()}", 2)
     except (ConfigError, UnknownName, RunFolderError, CheckpointError) as e:
-        click.echo(f"{prog}: error: {e}", err=True)
-        return 2
-    except TrainingDiverged as e:
-        click.echo(f"{prog}: {e}", err=True)
-        return 1
+        return fail(f"{prog}: error: {e}", 2)
+    except (TrainingDiverged, LaunchError) as e:
+        return fail(f"{prog}: {e}", 1)
     except click.exceptions.Abort:
         click.echo(f"{prog}: interrupted", err=True)
         return 130

@@ -39,7 +39,7 @@ __all__ = ["ConfigError", "from_dict", "to_dict", "parse_set", "load_file", "fie
 
 T = TypeVar("T")
 
-SECTIONS = ("task", "learner", "train")
+SECTIONS = ("task", "learner", "train", "study")
 
 
 class ConfigError(ValueError):

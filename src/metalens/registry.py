@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Entry", "Registry", "TASKS", "LEARNERS", "UnknownName"]
+__all__ = ["Entry", "Registry", "TASKS", "LEARNERS", "STUDIES", "UnknownName"]
 
 T = TypeVar("T")
 
@@ -73,6 +73,7 @@ class Registry(Generic[T]):
 
 TASKS: Registry[Any] = Registry("task family")
 LEARNERS: Registry[Any] = Registry("learner")
+STUDIES: Registry[Any] = Registry("study")  # filled by metalens.studies
 
 _loaded = False
 
@@ -84,4 +85,7 @@ def _ensure_loaded() -> None:
         return
     _loaded = True
     import metalens.learners  # noqa: F401
+    import metalens.studies
     import metalens.tasks  # noqa: F401
+
+    metalens.studies._load()

@@ -20,7 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from metalens import __version__, checkpoint
+import torch
+
+from metalens import __version__, checkpoint, distributed
 from metalens.config import ConfigError, from_dict, to_dict
 from metalens.episode import TaskSpec
 from metalens.evaluate import Evaluation, evaluate
@@ -139,23 +141,46 @@ def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False
     to hold a run with the same configuration (only ``train.steps`` may grow).
     """
     path = Path(out) if out is not None else None
-    if path is not None:
-        if resume:
-            saved = _read_config(path)
-            if replace(saved.train, steps=config.train.steps) != config.train or (
-                    saved.task, saved.learner, saved.task_options, saved.learner_options) != (
-                    config.task, config.learner, config.task_options, config.learner_options):
-                raise RunFolderError(
-                    f"{path} holds a run with a different configuration; --resume continues it as it "
-                    "was configured (only train.steps may change)")
-        elif path.exists() and any(path.iterdir()):
-            what = "holds a run" if (path / "config.json").exists() else "is not empty"
-            hint = "pass --resume to continue it, or " if what == "holds a run" else ""
-            raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
-        path.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json_atomic(path / "config.json", config.to_json())
+    w = distributed.world()
+    error = None
+    if path is not None and w.is_writer:
+        try:
+            _prepare_folder(config, path, resume)
+        except RunFolderError as e:
+            error = str(e)
+    if w.size > 1:  # rank 0 checked the folder; every rank learns the verdict
+        verdict = [error]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error is not None:
+        raise RunFolderError(error)
     family, learner = config.build()
     return Run(config, family, learner, path)
+
+
+def _prepare_folder(config: RunConfig, path: Path, resume: bool) -> None:
+    """Check that ``path`` may hold this run, and write its ``config.json``."""
+    if resume:
+        saved = _read_config(path)
+        if replace(saved.train, steps=config.train.steps) != config.train or (
+                saved.task, saved.learner, saved.task_options, saved.learner_options) != (
+                config.task, config.learner, config.task_options, config.learner_options):
+            raise RunFolderError(
+                f"{path} holds a run with a different configuration; --resume continues it as it "
+                "was configured (only train.steps may change)")
+    elif path.exists() and any(path.iterdir()):
+        what = "holds a run" if (path / "config.json").exists() else "is not empty"
+        hint = "pass --resume to continue it, or " if what == "holds a run" else ""
+        raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
+    path.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json_atomic(path / "config.json", config.to_json())
+
+
+def train_worker(config_json: dict[str, Any], out: str | None, resume: bool, progress: bool | None) -> None:
+    """One process of a multi-process run (the target of :func:`metalens.distributed.launch`)."""
+    cfg = RunConfig.from_json(config_json)
+    family, learner = cfg.build()
+    train(learner, family, cfg.train, run_dir=out, resume=resume, progress=progress)
 
 
 def load_run(path: str | Path, *, task_options: dict[str, Any] | None = None,

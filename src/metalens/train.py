@@ -8,7 +8,8 @@ random depends on anything but ``(seed, t)``, so a run resumed from a checkpoint
 as the same run done in one go.
 
 The trainer never asks which lens it runs: anything satisfying the learner
-contract trains the same way.
+contract trains the same way, in one process or data-parallel over tasks in
+several (see :mod:`metalens.distributed`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from metalens import checkpoint, rng
+from metalens import checkpoint, distributed, rng
 from metalens.config import opt
 from metalens.learners.base import Learner
 from metalens.tasks.base import TaskFamily
@@ -114,7 +115,9 @@ def train(
     :class:`TrainingDiverged` on a non-finite loss or gradient, leaving the last
     good checkpoint untouched. ``progress=None`` shows a bar when stderr is a terminal.
     """
-    device = torch.device(config.device)
+    w = distributed.world()
+    device = torch.device(distributed.local_device(config.device) if w.size > 1 else config.device)
+    tasks = distributed.shard(config.batch_tasks, w)
     learner.to(device)
     learner.train()
     run_path = Path(run_dir) if run_dir is not None else None
@@ -130,20 +133,23 @@ def train(
                 optimizer.load_state_dict(ckpt.optimizer)
             start = ckpt.step
         # else: the run died before its first checkpoint; start again from step 0
-        _truncate_log(run_path / "log.jsonl", start)
+        if w.is_writer:
+            _truncate_log(run_path / "log.jsonl", start)
     state = {"seed": config.seed, **(extra_state or {})}
 
     def save(step: int, metrics: dict[str, float]) -> Path | None:
-        if run_path is None:
+        if run_path is None or not w.is_writer:
             return None
         return checkpoint.save(
             run_path, step=step, model=learner.state_dict(),
             optimizer=optimizer.state_dict() if optimizer is not None else None,
             state={**state, "metrics": metrics}, keep=config.keep_checkpoints)
 
-    log = open(run_path / "log.jsonl", "a", encoding="utf-8") if run_path is not None else None
+    writer = run_path is not None and w.is_writer
+    log = open(run_path / "log.jsonl", "a", encoding="utf-8") if writer else None
     if progress is None:
         progress = sys.stderr.isatty()
+    progress = progress and w.is_writer
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc=f"train {learner.registry_name}",
                unit="step", dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
@@ -154,13 +160,24 @@ def train(
         if not learner.trainable:  # nothing to meta-train: record the run and stop
             start = config.steps
         for step in range(start, config.steps):
-            episode = family.episode(config.seed, step, config.batch_tasks).to(device)
-            gen = rng.generator(config.seed, rng.Stream.LEARNER, step, device=device)
+            episode = family.episode(config.seed, step, config.batch_tasks)
+            if w.size > 1:
+                episode = episode[tasks]  # this rank's share of the step's batch
+            episode = episode.to(device)
+            # the learner's own randomness: per rank when distributed (see README)
+            gen = rng.generator(config.seed, rng.Stream.LEARNER, step, *((w.rank,) if w.size > 1 else ()),
+                                device=device)
             loss, metrics = learner.meta_loss(episode, generator=gen)
+            optimizer.zero_grad(set_to_none=True)
+            if w.size > 1:  # backward even if non-finite, so that every rank joins the all-reduce
+                loss.backward()
+                loss = distributed.average_gradients(
+                    [p for g in optimizer.param_groups for p in g["params"]], loss, w)
+                metrics = {**metrics, "loss": float(loss)}
             if not torch.isfinite(loss):
                 raise TrainingDiverged(_diverged_message("loss", float(loss.detach()), step, run_path, last_ckpt))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if w.size == 1:
+                loss.backward()
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, config.grad_clip if config.grad_clip > 0 else math.inf)
@@ -178,7 +195,7 @@ def train(
                 log.flush()
             if done % config.checkpoint_every == 0 or done == config.steps:
                 last_ckpt = save(done, metrics)
-        if run_path is not None and (last_ckpt is None and (start == config.steps)):
+        if writer and (last_ckpt is None and (start == config.steps)):
             # untrainable learner, or a resume of a finished run: make sure a checkpoint exists
             try:
                 last_ckpt = checkpoint.latest(run_path)

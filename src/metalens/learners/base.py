@@ -42,11 +42,15 @@ class TourPlan:
 
 
 def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of ``values [T, P]`` over valid points (``mask [T, P]``) and tasks."""
+    """Mean over tasks of each task's mean over its real points: ``values, mask [T, P]`` -> scalar.
+
+    Every task weighs the same whatever its number of points, which also makes a
+    batch split over processes average back to exactly the same loss.
+    """
     if mask is None:
         return values.mean()
     m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum()
+    return ((values * m).sum(-1) / m.sum(-1)).mean()
 
 
 def query_loss(dist: Distribution, y: Tensor, mask: Tensor | None, *, kind: str, mse: bool) -> Tensor:

@@ -1,0 +1,43 @@
+"""Studies: the experiments of the literature, each one command that writes a report.
+
+A study is a class registered in :data:`STUDIES` with a nested ``Config`` dataclass
+(its options, ``study.*`` keys of ``--set``) and a ``run(out, *, progress, echo)``
+method that writes ``report.md``, ``report.json`` and figures into ``out`` and
+returns the Markdown path. ``metalens study NAME --out DIR`` runs one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from metalens.registry import STUDIES
+
+__all__ = ["Study", "STUDIES"]
+
+
+class Study(ABC):
+    """Base class of studies (see the module docstring)."""
+
+    Config: ClassVar[type]
+    registry_name: ClassVar[str]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @abstractmethod
+    def run(self, out: Path, *, progress: bool | None = None, echo: Callable[[str], None] = print) -> Path:
+        """Run the study into folder ``out``; returns the path of its ``report.md``."""
+
+
+
+def _load() -> None:
+    """Import the modules that register the built-in studies."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
