@@ -2,5 +2,6 @@
 
 from metalens.learners.base import Learner, TourPlan
 from metalens.learners import baselines  # noqa: F401  (registration)
+from metalens.learners import gradient  # noqa: F401
 
 __all__ = ["Learner", "TourPlan"]

@@ -1,0 +1,637 @@
+"""The gradient lens: a predictor is a few gradient steps on the support set from meta-learned parameters.
+
+Everything here is built around one functional inner loop, :func:`adapt`, written for
+*one* task and mapped over the tasks of an episode by :func:`map_tasks` (``vmap``, or a
+plain loop where that is faster). The learners are small compositions of it:
+
+=========  ======================================  ==============  ==========================================
+learner    inner step rule                         adapted params  meta-gradient
+=========  ======================================  ==============  ==========================================
+maml       ``phi - alpha g``                       all             through the inner steps (second order)
+fomaml     ``phi - alpha g``                       all             inner gradients held constant
+metasgd    ``phi - alpha (.) g``, alpha learned    all             through the inner steps, also into alpha
+           per element
+anil       ``phi - alpha g``                       the head only   through the inner steps (body and head)
+reptile    ``phi - alpha g``                       all             ``theta - mean_t phi_t`` (surrogate loss)
+imaml      ``phi - alpha g`` on                    all             implicit: ``(I + H/lambda)^-1 grad L_Q``
+           ``L_S + lambda/2 ||phi - theta||^2``                    by conjugate gradients (surrogate loss)
+=========  ======================================  ==============  ==========================================
+
+Papers: MAML and FOMAML, Finn, Abbeel & Levine (2017), "Model-Agnostic Meta-Learning
+for Fast Adaptation of Deep Networks"; Meta-SGD, Li, Zhou, Chen & Li (2017); ANIL,
+Raghu, Raghu, Bengio & Vinyals (2020), "Rapid Learning or Feature Reuse?"; Reptile,
+Nichol, Achiam & Schulman (2018), "On First-Order Meta-Learning Algorithms"; iMAML,
+Rajeswaran, Finn, Kakade & Levine (2019), "Meta-Learning with Implicit Gradients".
+
+Losses: regression learners are MSE-trained (their ``predict`` is a ``Normal(mean, 1)``
+that only carries the mean; ``probabilistic = False``), classifiers use cross-entropy
+and predict a ``Categorical``. Padded support points (``support_mask == False``) are
+left out of every inner loss; padded query points out of the meta-loss.
+
+``inner_steps`` steps are taken in ``meta_loss`` (training), ``eval_inner_steps`` in
+``predict`` (evaluation), whatever ``module.training`` says.
+
+>>> import torch
+>>> from metalens.episode import TaskSpec
+>>> learner = MAML(TaskSpec(kind="regression", x_shape=(1,)), MAML.Config(hidden=(8,)))
+>>> sx, sy, qx = torch.randn(3, 5, 1), torch.randn(3, 5, 1), torch.randn(3, 7, 1)
+>>> learner.predict(sx, sy, qx).mean.shape
+torch.Size([3, 7, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from metalens.config import opt
+from metalens.episode import Episode, TaskSpec
+from metalens.functional import Params, point_losses
+from metalens.learners.base import Learner, TourPlan, query_loss
+from metalens.nets import ACTIVATIONS, MLP, Conv4
+from metalens.registry import LEARNERS
+
+__all__ = [
+    "StepRule", "sgd", "per_parameter_sgd", "support_loss", "adapt", "map_tasks", "head_names",
+    "conjugate_gradient", "implicit_meta_gradient", "surrogate_loss",
+    "GradientConfig", "GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "Reptile", "IMAML",
+]
+
+# (phi, grads) -> next phi, over the adapted parameters of one task.
+StepRule = Callable[[Params, Params], Params]
+
+BATCHING = ("auto", "vmap", "loop")
+# What ``batching="auto"`` picks per backbone, measured with benchmarks/maml_speed.py on CPU.
+AUTO_BATCHING = {"mlp": "vmap", "conv4": "loop"}
+
+
+# --------------------------------------------------------------------------------------------
+# The functional core: one task
+# --------------------------------------------------------------------------------------------
+def sgd(alpha: float | Tensor) -> StepRule:
+    """Plain gradient descent, ``phi <- phi - alpha * g`` (MAML's inner step).
+
+    >>> rule = sgd(0.5)
+    >>> rule({"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])})
+    {'w': tensor([0.])}
+    """
+    return lambda phi, g: {k: phi[k] - alpha * g[k] for k in phi}
+
+
+def per_parameter_sgd(alpha: Params) -> StepRule:
+    """Meta-SGD's step, ``phi <- phi - alpha (.) g`` with one rate per parameter element.
+
+    ``alpha`` maps each adapted parameter's name to a tensor of its shape (Li et al.
+    2017, eq. 2); gradients flow into it, so the rates are meta-learned.
+    """
+    return lambda phi, g: {k: phi[k] - alpha[k] * g[k] for k in phi}
+
+
+def support_loss(net: nn.Module, params: Params, x: Tensor, y: Tensor, mask: Tensor | None, *,
+                 classification: bool) -> Tensor:
+    """Mean training loss of one task's real points: ``x [P, *x]``, ``y [P, dy] | [P]``, ``mask [P]``.
+
+    Squared error (mean over output dims) for regression, cross-entropy for
+    classification; padded points (``mask == False``) weigh nothing.
+    """
+    per_point = point_losses(functional_call(net, params, (x,)), y, classification=classification)  # [P]
+    if mask is None:
+        return per_point.mean()
+    m = mask.to(per_point.dtype)
+    return (per_point * m).sum() / m.sum()
+
+
+def adapt(
+    net: nn.Module,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    support_mask: Tensor | None = None,
+    *,
+    steps: int,
+    step: StepRule,
+    adapted: Collection[str] | None = None,
+    first_order: bool = False,
+    proximal: float = 0.0,
+    classification: bool,
+) -> Params:
+    """The inner loop for one task: ``steps`` gradient steps on its support loss.
+
+    Starting from ``theta = params`` (the meta-parameters, unbatched), the adapted
+    subset ``phi`` (``adapted`` names; all parameters when None) follows::
+
+        phi_0 = theta
+        phi_{i+1} = step(phi_i, grad_phi [ L_S(phi_i) + proximal / 2 * ||phi_i - theta||^2 ])
+
+    where ``L_S`` is :func:`support_loss` on ``support_x [S, *x]``, ``support_y``
+    and ``support_mask [S]``. The other parameters stay at ``theta``.
+
+    Gradients are taken with ``torch.func.grad``, so the result stays differentiable
+    with respect to ``params`` (and to any tensor the step rule closes over) through
+    ordinary autograd: back-propagating a query loss through it gives MAML's
+    second-order meta-gradient, made of Hessian-vector products (Finn et al. 2017,
+    eq. 1). ``first_order=True`` treats the inner gradients as constants (FOMAML), so
+    ``d phi / d theta = I``. Pass detached ``params`` to run it without any graph
+    (Reptile, iMAML: memory independent of ``steps``). The ``proximal`` term is
+    iMAML's regulariser toward the starting point (Rajeswaran et al. 2019, eq. 3).
+
+    Returns all parameters (adapted and not) as a dict of unbatched tensors.
+
+    >>> net = MLP((1,), 1, hidden=())
+    >>> theta = {k: torch.zeros_like(v) for k, v in net.named_parameters()}
+    >>> x, y = torch.ones(4, 1), 3 * torch.ones(4, 1)
+    >>> phi = adapt(net, theta, x, y, steps=1, step=sgd(0.25), classification=False)
+    >>> phi["layers.0.weight"]  # 0 - 0.25 * d/dw mean((w x + b - y)^2) = 0.25 * 2 * 3
+    tensor([[1.5000]])
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    names = list(params) if adapted is None else [k for k in params if k in adapted]
+    fixed = {k: v for k, v in params.items() if k not in names}
+    phi = {k: params[k] for k in names}
+    anchor = {k: v.detach() for k, v in phi.items()}
+
+    def inner_loss(phi: Params) -> Tensor:
+        loss = support_loss(net, {**fixed, **phi}, support_x, support_y, support_mask, classification=classification)
+        if proximal:
+            loss = loss + 0.5 * proximal * sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
+        return loss
+
+    for _ in range(steps):
+        g = grad(inner_loss)(phi)
+        if first_order:
+            g = {k: v.detach() for k, v in g.items()}
+        phi = step(phi, g)
+    return {**fixed, **phi}
+
+
+def map_tasks(fn: Callable[..., Any], *args: Any, batching: str) -> Any:
+    """Apply a one-task function to every task: ``args`` are ``[T, ...]`` tensors, dicts of them, or None.
+
+    ``batching="vmap"`` uses ``torch.func.vmap`` (``randomness="error"``: the inner loop
+    draws nothing); ``"loop"`` runs a Python loop and stacks the results (a tensor or a
+    dict of tensors). Both give the same numbers; which is faster depends on the
+    backbone (see :data:`AUTO_BATCHING`).
+    """
+    if batching == "vmap":
+        in_dims = tuple(None if a is None else 0 for a in args)
+        return vmap(fn, in_dims=in_dims, randomness="error")(*args)
+    if batching != "loop":
+        raise ValueError(f"batching must be 'vmap' or 'loop', got {batching!r}")
+    first = next(a for a in args if a is not None)
+    T = (next(iter(first.values())) if isinstance(first, dict) else first).shape[0]
+
+    def take(a: Any, t: int) -> Any:
+        if a is None:
+            return None
+        return {k: v[t] for k, v in a.items()} if isinstance(a, dict) else a[t]
+
+    outs = [fn(*(take(a, t) for a in args)) for t in range(T)]
+    if isinstance(outs[0], dict):
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+    return torch.stack(outs)
+
+
+def head_names(net: nn.Module) -> tuple[str, ...]:
+    """Names of the parameters of ``net``'s last module that holds any: its output layer (ANIL's head).
+
+    >>> head_names(MLP((1,), 1, hidden=(40, 40)))
+    ('layers.4.weight', 'layers.4.bias')
+    """
+    last = None
+    for name, module in net.named_modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            last = (name, module)
+    if last is None:
+        raise ValueError("the network has no parameters")
+    prefix = last[0] + "." if last[0] else ""
+    return tuple(prefix + n for n, _ in last[1].named_parameters(recurse=False))
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def _safe_div(n: Tensor, d: Tensor) -> Tensor:
+    """``n / d`` where ``d > 0``, else 0 (no Python branch, so it runs under vmap)."""
+    ok = d > 0
+    return torch.where(ok, n / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(n))
+
+
+def conjugate_gradient(A: Callable[[Params], Params], b: Params, *, steps: int) -> Params:
+    """Approximately solve ``A x = b`` for symmetric ``A`` by at most ``steps`` CG iterations.
+
+    ``A`` is only applied to vectors (dicts of tensors shaped like ``b``), starting
+    from ``x_0 = 0`` (Hestenes & Stiefel 1952; Nocedal & Wright 2006, alg. 5.2). The
+    iteration stops (``x`` stays where it is) at the first direction ``p`` with
+    ``p^T A p <= 0``: ``A`` is not positive definite there, and going on would make
+    ``x`` blow up (truncated CG, as in Steihaug 1983); an exact solve (zero residual)
+    stops it the same way. A fixed number of iterations and no data-dependent Python
+    branch, so it can be ``vmap``-ped over tasks.
+
+    >>> M = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+    >>> x = conjugate_gradient(lambda v: {"x": M @ v["x"]}, {"x": torch.tensor([1.0, 2.0])}, steps=2)
+    >>> torch.allclose(M @ x["x"], torch.tensor([1.0, 2.0]))
+    True
+    """
+    x = {k: torch.zeros_like(v) for k, v in b.items()}
+    r = dict(b)
+    p = dict(b)
+    rr = _dot(r, r)
+    active = torch.ones_like(rr, dtype=torch.bool)
+    for _ in range(steps):
+        Ap = A(p)
+        pAp = _dot(p, Ap)
+        active = active & (pAp > 0)
+        a = torch.where(active, _safe_div(rr, pAp), torch.zeros_like(rr))
+        x = {k: x[k] + a * p[k] for k in x}
+        r = {k: r[k] - a * Ap[k] for k in r}
+        rr_next = _dot(r, r)
+        beta = torch.where(active, _safe_div(rr_next, rr), torch.zeros_like(rr))
+        p = {k: r[k] + beta * p[k] for k in p}
+        rr = rr_next
+    return x
+
+
+def implicit_meta_gradient(
+    net: nn.Module,
+    phi: Params,
+    query_grad: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    support_mask: Tensor | None = None,
+    *,
+    lam: float,
+    cg_steps: int,
+    damping: float = 0.0,
+    classification: bool,
+) -> Params:
+    """iMAML's meta-gradient of one task (Rajeswaran et al. 2019, eq. 6 and alg. 2).
+
+    At the solution ``phi`` of the regularised inner problem
+    ``min L_S(phi) + lam/2 ||phi - theta||^2`` the implicit function theorem gives
+    ``d phi / d theta = (I + H / lam)^-1`` with ``H`` the Hessian of ``L_S`` at ``phi``,
+    so the meta-gradient is::
+
+        g = ((1 + damping) I + H / lam)^-1  grad_phi L_Q(phi)      (query_grad)
+
+    solved by :func:`conjugate_gradient` on Hessian-vector products (reverse-over-reverse:
+    the gradient of ``<grad L_S, v>``; measured faster on CPU here than ``jvp`` of ``grad``,
+    which also needs forward-mode formulas for every op). The Hessian is never formed.
+    ``damping > 0`` keeps the system positive definite where ``H`` is not (a network's
+    Hessian is indefinite in general); where it still is not, CG stops at the first
+    direction of non-positive curvature rather than blow up.
+    """
+
+    def grad_support(p: Params) -> Params:
+        return grad(lambda q: support_loss(net, q, support_x, support_y, support_mask,
+                                           classification=classification))(p)
+
+    def A(v: Params) -> Params:
+        Hv = grad(lambda p: _dot(grad_support(p), v))(phi)  # d/dphi <grad L_S(phi), v> = H v
+        return {k: (1.0 + damping) * v[k] + Hv[k] / lam for k in v}
+
+    return conjugate_gradient(A, query_grad, steps=cg_steps)
+
+
+def surrogate_loss(theta: Params, direction: Params) -> Tensor:
+    """``sum_k <theta_k, direction_k>`` with ``direction`` held constant: its gradient in ``theta`` is ``direction``.
+
+    How Reptile and iMAML, whose meta-gradients are not the gradient of a loss that
+    autograd can see, fit the ``meta_loss -> (loss, metrics)`` contract: the trainer's
+    ``loss.backward()`` then deposits exactly ``direction`` into ``theta.grad``.
+    """
+    return sum((theta[k] * direction[k].detach()).sum() for k in direction)
+
+
+# --------------------------------------------------------------------------------------------
+# The learners: thin shells around the functional core
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GradientConfig:
+    """Options shared by the gradient learners (defaults: Finn et al. 2017's sinusoid setup)."""
+
+    backbone: str = opt("mlp", "network: mlp (any inputs, flattened) or conv4 (image inputs)")
+    hidden: tuple[int, ...] = opt((40, 40), "mlp: hidden layer widths (empty: a linear model)")
+    activation: str = opt("relu", "mlp: activation: relu, tanh, gelu or silu")
+    channels: int = opt(64, "conv4: channels of every convolution")
+    blocks: int = opt(4, "conv4: number of conv-norm-relu-pool blocks")
+    inner_steps: int = opt(1, "inner gradient steps on the support set in meta-training")
+    inner_lr: float = opt(0.01, "inner learning rate alpha (Meta-SGD: the initial value of its learned rates)")
+    eval_inner_steps: int | None = opt(10, "inner steps when predicting (evaluation); null or 0: inner_steps")
+    batching: str = opt("auto", "tasks in parallel: vmap, loop, or auto (vmap for mlp, loop for conv4)")
+
+    def __post_init__(self) -> None:
+        if self.backbone not in ("mlp", "conv4"):
+            raise ValueError(f"backbone must be 'mlp' or 'conv4', got {self.backbone!r}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {list(self.hidden)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.channels < 1 or self.blocks < 1:
+            raise ValueError(f"channels and blocks must be >= 1, got {self.channels} and {self.blocks}")
+        if self.inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if self.eval_inner_steps is not None and self.eval_inner_steps < 0:
+            raise ValueError(f"eval_inner_steps must be >= 0 (0 or null: inner_steps), got {self.eval_inner_steps}")
+        if not self.inner_lr > 0:
+            raise ValueError(f"inner_lr must be > 0, got {self.inner_lr}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+
+
+def _tour_train(steps: int) -> dict[str, Any]:
+    """Finn et al.'s sinusoid protocol (outer Adam, lr 1e-3, 25 tasks a step) on a budget of
+    ``steps``, chosen so that each learner trains in well under a minute on one CPU thread
+    (measured: about 4 ms a step for MAML, 6 for Reptile, 35 for iMAML)."""
+    return {"steps": steps, "batch_tasks": 25, "lr": 1e-3}
+
+
+_FINN_SINUSOID = {"hidden": [40, 40], "inner_lr": 0.01, "inner_steps": 1, "eval_inner_steps": 10}
+
+
+class GradientLearner(Learner):
+    """The shell shared by the gradient learners: the backbone ``net`` (its parameters are
+    ``theta``), the batching of :func:`adapt` over tasks, and ``predict``.
+
+    A learner is defined by three choices: :meth:`step_rule` (the inner update),
+    ``adapted`` (names of the parameters the inner loop changes; None: all) and
+    ``first_order`` / ``proximal`` (passed to :func:`adapt`), plus its ``meta_loss``.
+    """
+
+    first_order: bool = False
+
+    def __init__(self, spec: TaskSpec, config: GradientConfig | None = None) -> None:
+        super().__init__(spec, config if config is not None else type(self).Config())
+        c = self.config
+        if c.backbone == "mlp":
+            self.net: nn.Module = MLP(spec.x_shape, self.out_features, c.hidden, c.activation)
+        else:
+            self.net = Conv4(spec.x_shape, self.out_features, channels=c.channels, blocks=c.blocks)
+        self.adapted: tuple[str, ...] | None = None
+
+    # -- the parts each learner chooses ----------------------------------------------------------
+    def step_rule(self) -> StepRule:
+        return sgd(self.config.inner_lr)
+
+    @property
+    def proximal(self) -> float:
+        return 0.0
+
+    # -- shared machinery -------------------------------------------------------------------------
+    @property
+    def batching(self) -> str:
+        c = self.config
+        return AUTO_BATCHING[c.backbone] if c.batching == "auto" else c.batching
+
+    @property
+    def eval_steps(self) -> int:
+        return self.config.eval_inner_steps or self.config.inner_steps
+
+    def theta(self) -> Params:
+        """The meta-learned initialisation, ``{name: tensor}`` of the backbone."""
+        return dict(self.net.named_parameters())
+
+    def adapt_tasks(self, theta: Params, support_x: Tensor, support_y: Tensor, support_mask: Tensor | None,
+                    *, steps: int) -> Params:
+        """:func:`adapt` on every task: ``support_x [T, S, *x]`` -> parameters ``[T, *shape]``."""
+        step = self.step_rule()
+
+        def one(sx: Tensor, sy: Tensor, sm: Tensor | None) -> Params:
+            return adapt(self.net, theta, sx, sy, sm, steps=steps, step=step, adapted=self.adapted,
+                         first_order=self.first_order, proximal=self.proximal,
+                         classification=self.spec.is_classification)
+
+        return map_tasks(one, support_x, support_y, support_mask, batching=self.batching)
+
+    def apply_tasks(self, phi: Params, x: Tensor) -> Tensor:
+        """The network with per-task parameters ``phi [T, ...]`` on ``x [T, P, *x]`` -> ``[T, P, out]``."""
+        return map_tasks(lambda p, xt: functional_call(self.net, p, (xt,)), phi, x, batching=self.batching)
+
+    def query_loss(self, phi: Params, episode: Episode) -> Tensor:
+        """The query loss (MSE or cross-entropy, masked) of adapted parameters ``phi [T, ...]``.
+
+        NaN when the inner loop diverged (non-finite outputs), so that the trainer
+        stops with :class:`~metalens.train.TrainingDiverged` (lower ``inner_lr`` then).
+        """
+        out = self.apply_tasks(phi, episode.query_x)  # [T, Q, out]
+        if not bool(torch.isfinite(out).all()):
+            return out.sum() * float("nan")
+        dist = self.output_distribution(out)
+        return query_loss(dist, episode.query_y, episode.query_mask, kind=self.spec.kind, mse=True)
+
+    def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
+                support_mask: Tensor | None = None) -> Distribution:
+        """Adapt to each support set with ``eval_inner_steps`` steps, then predict the queries.
+
+        Under ``torch.no_grad`` (the evaluator) no graph is kept: ``torch.func.grad``
+        still computes the inner gradients.
+        """
+        phi = self.adapt_tasks(self.theta(), support_x, support_y, support_mask, steps=self.eval_steps)
+        out = self.apply_tasks(phi, query_x)  # [T, Q, out]
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError(
+                f"{self.registry_name}: the inner loop diverged on some tasks (non-finite predictions after "
+                f"{self.eval_steps} steps of rate {self.config.inner_lr}); lower inner_lr or eval_inner_steps")
+        return self.output_distribution(out)
+
+    def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """MAML's meta-objective: the query loss after ``inner_steps`` steps, differentiated through them.
+
+        ``L(theta) = mean_t L_Q_t(adapt(theta, S_t))`` (Finn et al. 2017, eq. 1).
+        """
+        phi = self.adapt_tasks(self.theta(), episode.support_x, episode.support_y, episode.support_mask,
+                               steps=self.config.inner_steps)
+        loss = self.query_loss(phi, episode)
+        return loss, {"loss": float(loss.detach())}
+
+
+@LEARNERS.register("maml")
+class MAML(GradientLearner):
+    """MAML: learned initialisation, second-order meta-gradient through the inner steps (Finn et al. 2017)."""
+
+    Config = GradientConfig
+    tour = TourPlan(task="sinusoid", learner_options=_FINN_SINUSOID, train=_tour_train(5000))
+
+
+@LEARNERS.register("fomaml")
+class FOMAML(GradientLearner):
+    """First-order MAML: the inner gradients are held constant in the meta-gradient (Finn et al. 2017)."""
+
+    Config = GradientConfig
+    first_order = True
+    tour = TourPlan(task="sinusoid", learner_options=_FINN_SINUSOID, train=_tour_train(5000))
+
+
+@dataclass(frozen=True)
+class MetaSGDConfig(GradientConfig):
+    """Options of Meta-SGD (its learned rates are tuned to ``inner_steps``, so evaluation takes as many)."""
+
+    eval_inner_steps: int | None = opt(None, "inner steps when predicting (evaluation); null or 0: inner_steps")
+
+
+@LEARNERS.register("metasgd")
+class MetaSGD(GradientLearner):
+    """Meta-SGD: MAML with a meta-learned inner learning rate per parameter element (Li et al. 2017)."""
+
+    Config = MetaSGDConfig
+    tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "eval_inner_steps": None},
+                    train=_tour_train(5000))
+
+    def __init__(self, spec: TaskSpec, config: MetaSGDConfig | None = None) -> None:
+        super().__init__(spec, config)
+        # alpha[i] has the shape of the i-th backbone parameter (ParameterList: names hold dots)
+        self.alpha = nn.ParameterList(
+            [nn.Parameter(torch.full_like(p, self.config.inner_lr)) for p in self.net.parameters()])
+
+    def alphas(self) -> Params:
+        """The learned rates by parameter name."""
+        return {k: a for (k, _), a in zip(self.net.named_parameters(), self.alpha)}
+
+    def step_rule(self) -> StepRule:
+        return per_parameter_sgd(self.alphas())
+
+
+@LEARNERS.register("anil")
+class ANIL(GradientLearner):
+    """ANIL: only the head is adapted in the inner loop; the body is meta-trained (Raghu et al. 2020)."""
+
+    Config = GradientConfig
+    # 3 inner steps in training: with Finn's single step the learned features make 10 head steps
+    # of rate 0.01 diverge on a few held-out tasks (measured on the tour)
+    tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "inner_steps": 3}, train=_tour_train(5000))
+
+    def __init__(self, spec: TaskSpec, config: GradientConfig | None = None) -> None:
+        super().__init__(spec, config)
+        self.adapted = head_names(self.net)
+
+
+@dataclass(frozen=True)
+class ReptileConfig(GradientConfig):
+    """Options of Reptile."""
+
+    inner_steps: int = opt(5, "inner SGD steps from theta to phi in meta-training")
+    inner_data: str = opt("support", "points the inner steps fit in meta-training: support, or support+query")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inner_steps < 1:
+            raise ValueError(f"Reptile needs inner_steps >= 1 (0 steps give no meta-gradient), got {self.inner_steps}")
+        if self.inner_data not in ("support", "support+query"):
+            raise ValueError(f"inner_data must be 'support' or 'support+query', got {self.inner_data!r}")
+
+
+@LEARNERS.register("reptile")
+class Reptile(GradientLearner):
+    """Reptile: move the initialisation toward the parameters adapted to each task (Nichol et al. 2018)."""
+
+    Config = ReptileConfig
+    tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "inner_steps": 5},
+                    train=_tour_train(4000))
+
+    def __init__(self, spec: TaskSpec, config: ReptileConfig | None = None) -> None:
+        super().__init__(spec, config)
+
+    def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Surrogate whose gradient is Reptile's update direction (Nichol et al. 2018, alg. 2).
+
+        Each task runs ``inner_steps`` SGD steps (rate ``inner_lr``, no graph) from
+        ``theta`` to ``phi_t`` on its support set, or on support and query points
+        together with ``inner_data="support+query"``. The gradient of the returned
+        loss is ``theta - mean_t phi_t`` (each task weighs the same), so one outer
+        SGD step of rate ``epsilon`` gives ``theta + epsilon (mean_t phi_t - theta)``.
+        The logged ``loss`` is the query loss at ``phi`` (with ``support+query`` the
+        query points were fitted, so it is an in-sample loss).
+        """
+        theta = self.theta()
+        theta0 = {k: v.detach() for k, v in theta.items()}
+        x, y, m = episode.support_x, episode.support_y, episode.support_mask
+        if self.config.inner_data == "support+query":
+            x, y = torch.cat([x, episode.query_x], 1), torch.cat([y, episode.query_y], 1)
+            if m is not None or episode.query_mask is not None:
+                m = torch.cat([_ones_if_none(m, episode.n_tasks, episode.n_support, x.device),
+                               _ones_if_none(episode.query_mask, episode.n_tasks, episode.n_query, x.device)], 1)
+        phi = self.adapt_tasks(theta0, x, y, m, steps=self.config.inner_steps)
+        with torch.no_grad():
+            q = self.query_loss(phi, episode)
+        direction = {k: theta0[k] - phi[k].mean(0) for k in theta0}
+        return surrogate_loss(theta, direction), {"loss": float(q)}
+
+
+def _ones_if_none(mask: Tensor | None, T: int, n: int, device: torch.device) -> Tensor:
+    return mask if mask is not None else torch.ones(T, n, dtype=torch.bool, device=device)
+
+
+@dataclass(frozen=True)
+class IMAMLConfig(GradientConfig):
+    """Options of implicit MAML."""
+
+    inner_steps: int = opt(10, "inner gradient steps on the regularised support loss in meta-training")
+    lam: float = opt(1.0, "lambda: weight of the proximal term lambda/2 ||phi - theta||^2")
+    cg_steps: int = opt(5, "conjugate-gradient iterations for (I + H/lambda)^-1 grad L_Q")
+    cg_damping: float = opt(0.0, "damping d: solve ((1 + d) I + H/lambda) x = grad L_Q (keeps it positive definite)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.lam > 0:
+            raise ValueError(f"lam must be > 0, got {self.lam}")
+        if not self.inner_lr * self.lam < 2:
+            raise ValueError(f"inner_lr * lam must be < 2 or the inner steps diverge on the proximal term, "
+                             f"got {self.inner_lr} * {self.lam}; lower inner_lr or lam")
+        if self.cg_steps < 1:
+            raise ValueError(f"cg_steps must be >= 1, got {self.cg_steps}")
+        if self.cg_damping < 0:
+            raise ValueError(f"cg_damping must be >= 0, got {self.cg_damping}")
+
+
+@LEARNERS.register("imaml")
+class IMAML(GradientLearner):
+    """Implicit MAML: proximal inner problem, meta-gradient by the implicit function theorem (Rajeswaran et al. 2019)."""
+
+    Config = IMAMLConfig
+    # ~35 ms a step: a smaller budget; rare meta-gradient spikes (where H is indefinite) are clipped
+    tour = TourPlan(task="sinusoid",
+                    learner_options={"hidden": [40, 40], "inner_lr": 0.01, "inner_steps": 10, "lam": 1.0,
+                                     "eval_inner_steps": 10},
+                    train={**_tour_train(1000), "grad_clip": 10.0})
+
+    def __init__(self, spec: TaskSpec, config: IMAMLConfig | None = None) -> None:
+        super().__init__(spec, config)
+
+    @property
+    def proximal(self) -> float:
+        return self.config.lam
+
+    def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Surrogate whose gradient is the implicit meta-gradient (Rajeswaran et al. 2019, alg. 1-2).
+
+        The inner problem ``min_phi L_S(phi) + lam/2 ||phi - theta||^2`` is solved
+        approximately by ``inner_steps`` gradient steps from ``theta`` without a graph
+        (memory does not grow with the steps). With ``b_t = grad_{phi_t}`` of the
+        episode's query loss (the same masked mean as MAML's, so ``b_t`` carries the
+        task's weight, ``1/T`` without masks), each task's meta-gradient
+        ``g_t = (I + H_t/lam)^-1 b_t`` comes from :func:`implicit_meta_gradient`, and
+        the loss returned has gradient ``sum_t g_t`` in ``theta``. The logged ``loss``
+        is the real query loss at ``phi``.
+        """
+        c = self.config
+        theta = self.theta()
+        theta0 = {k: v.detach() for k, v in theta.items()}
+        phi = self.adapt_tasks(theta0, episode.support_x, episode.support_y, episode.support_mask,
+                               steps=c.inner_steps)
+        phi = {k: v.contiguous() for k, v in phi.items()}  # vmap returns 0 steps as expanded views
+        b, q = grad_and_value(lambda p: self.query_loss(p, episode))(phi)  # b: [T, ...] per task
+
+        def one(phi_t: Params, b_t: Params, sx: Tensor, sy: Tensor, sm: Tensor | None) -> Params:
+            return implicit_meta_gradient(self.net, phi_t, b_t, sx, sy, sm, lam=c.lam, cg_steps=c.cg_steps,
+                                          damping=c.cg_damping, classification=self.spec.is_classification)
+
+        g = map_tasks(one, phi, b, episode.support_x, episode.support_y, episode.support_mask,
+                      batching=self.batching)
+        return surrogate_loss(theta, {k: v.sum(0) for k, v in g.items()}), {"loss": float(q)}

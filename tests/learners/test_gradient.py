@@ -1,0 +1,489 @@
+"""Gradient learners (MAML, FOMAML, Meta-SGD, ANIL, Reptile, iMAML) against independent references.
+
+Every reference here is computed without the code under test: plain autograd loops over
+tasks, central finite differences in float64, closed forms of linear least squares.
+Each test uses the seed ``SEED`` (or says which).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import metalens
+from metalens.episode import Episode, TaskSpec
+from metalens.learners.gradient import adapt, conjugate_gradient, head_names, sgd
+from metalens.nets import MLP
+from metalens.train import TrainConfig, train
+
+SEED = 0
+GRADIENT_LEARNERS = ["maml", "fomaml", "metasgd", "anil", "reptile", "imaml"]
+F64 = torch.float64
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def sinusoid_episode(n_tasks: int, *, shots: int = 5, queries: int = 6, step: int = 0) -> Episode:
+    return metalens.make_task("sinusoid", shots=shots, queries=queries).episode(SEED, step, n_tasks)
+
+
+def image_spec(ways: int = 3) -> TaskSpec:
+    return TaskSpec(kind="classification", x_shape=(1, 28, 28), num_classes=ways)
+
+
+def image_episode(n_tasks: int, *, ways: int = 3, shots: int = 1, queries: int = 2, seed: int = SEED) -> Episode:
+    """Random 28x28 'images'; labels in order, every class present."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return Episode(torch.randn(n_tasks, ways * shots, 1, 28, 28, generator=g), labels.repeat(n_tasks, shots),
+                   torch.randn(n_tasks, ways * queries, 1, 28, 28, generator=g), labels.repeat(n_tasks, queries),
+                   num_classes=ways)
+
+
+def meta_grads(learner, episode) -> dict[str, torch.Tensor]:
+    learner.zero_grad(set_to_none=True)
+    loss, _ = learner.meta_loss(episode)
+    loss.backward()
+    return {k: p.grad.detach().clone() for k, p in learner.named_parameters()}
+
+
+def directional_check(learner, episode, *, seed: int, eps: float = 1e-6, rtol: float = 1e-6) -> None:
+    """grad . v against the central difference (f(theta + eps v) - f(theta - eps v)) / 2 eps, float64."""
+    g = meta_grads(learner, episode)
+    gen = torch.Generator().manual_seed(seed)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in learner.named_parameters()}
+    analytic = sum((g[k] * v[k]).sum() for k in g).item()
+    params = dict(learner.named_parameters())
+    saved = {k: p.detach().clone() for k, p in params.items()}
+
+    def f(sign: float) -> float:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k] + sign * eps * v[k])
+        loss, _ = learner.meta_loss(episode)
+        return loss.item()
+
+    numeric = (f(+1) - f(-1)) / (2 * eps)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+    print(f"seed={seed} grad.v={analytic:.12g} finite-difference={numeric:.12g}")
+    assert abs(analytic - numeric) <= rtol * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+def sgd_loop(net, x, y, *, steps: int, lr: float, classification: bool = False):
+    """Plain torch: a copy of ``net`` after ``steps`` SGD steps on one task's mean loss."""
+    net = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = net(x)
+        loss = (torch.nn.functional.cross_entropy(out, y) if classification else ((out - y) ** 2).mean())
+        loss.backward()
+        opt.step()
+    return net
+
+
+# -- batching: vmap equals a loop over tasks ---------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["mlp", "conv4"])
+def test_vmapped_adaptation_equals_loop_over_tasks(backbone):
+    print(f"seed={SEED}")
+    if backbone == "mlp":
+        spec, ep = metalens.make_task("sinusoid").spec, sinusoid_episode(4)
+        opts = dict(hidden=[16, 16], inner_lr=0.05)
+    else:
+        spec, ep = image_spec(), image_episode(3)
+        opts = dict(backbone="conv4", channels=4, inner_lr=0.1)
+    learners = {b: metalens.make_learner("maml", spec, seed=SEED, inner_steps=2, batching=b, **opts)
+                for b in ("vmap", "loop")}
+    lrn = learners["vmap"]
+    theta = lrn.theta()
+    batched = lrn.adapt_tasks(theta, ep.support_x, ep.support_y, None, steps=2)
+    for t in range(ep.n_tasks):  # the one-task function called by hand, task by task
+        one = adapt(lrn.net, theta, ep.support_x[t], ep.support_y[t], steps=2, step=sgd(opts["inner_lr"]),
+                    classification=spec.is_classification)
+        for k in theta:
+            torch.testing.assert_close(batched[k][t], one[k], rtol=1e-5, atol=1e-6)
+    looped = learners["loop"].adapt_tasks(theta, ep.support_x, ep.support_y, None, steps=2)
+    for k in theta:
+        torch.testing.assert_close(batched[k], looped[k], rtol=1e-5, atol=1e-6)
+    # and the meta-gradients of the two batchings agree
+    gv, gl = meta_grads(learners["vmap"], ep), meta_grads(learners["loop"], ep)
+    for k in gv:
+        torch.testing.assert_close(gv[k], gl[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", GRADIENT_LEARNERS)
+def test_every_learner_gives_the_same_meta_gradient_under_vmap_and_loop(name):
+    print(f"seed={SEED}")
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    ep = sinusoid_episode(3).to(dtype=F64)  # float64: CG (iMAML) amplifies float32 rounding differences
+    grads = [meta_grads(metalens.make_learner(name, fam, seed=SEED, hidden=[16], inner_steps=2,
+                                              batching=b).double(), ep)
+             for b in ("vmap", "loop")]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-9, atol=1e-12)
+
+
+# -- MAML against finite differences ------------------------------------------------------------------
+@pytest.mark.parametrize("steps", [1, 3])
+def test_maml_meta_gradient_matches_finite_differences_mlp(steps):
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    lrn = metalens.make_learner("maml", fam, seed=SEED, hidden=[16, 16], activation="tanh", inner_steps=steps,
+                                inner_lr=0.05).double()
+    directional_check(lrn, sinusoid_episode(3).to(dtype=F64), seed=SEED + steps)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_maml_meta_gradient_matches_finite_differences_conv4(steps, batching):
+    # the full 4 blocks on 28x28 with TaskBatchNorm2d, few channels; both batchings (the BN trap is under vmap).
+    # ReLU and max-pool make the inner gradient, hence the post-adaptation loss, jump where an activation
+    # pattern changes: thousands of units, so eps is kept small enough (1e-7, float64) not to cross one.
+    lrn = metalens.make_learner("maml", image_spec(), seed=SEED, backbone="conv4", channels=4, inner_steps=steps,
+                                inner_lr=0.2, batching=batching).double()
+    directional_check(lrn, image_episode(2).to(dtype=F64), seed=SEED + 10 * steps, eps=1e-7)
+
+
+@pytest.mark.parametrize("name", ["metasgd", "anil"])
+def test_variant_meta_gradients_match_finite_differences(name):
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    lrn = metalens.make_learner(name, fam, seed=SEED, hidden=[16, 16], activation="tanh", inner_steps=2,
+                                inner_lr=0.05).double()
+    directional_check(lrn, sinusoid_episode(3).to(dtype=F64), seed=SEED + 7)
+
+
+def test_maml_finite_differences_check_can_fail():
+    """The check above catches a meta-gradient without the second-order term."""
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    lrn = metalens.make_learner("fomaml", fam, seed=SEED, hidden=[16, 16], activation="tanh", inner_steps=1,
+                                inner_lr=0.2).double()
+    with pytest.raises(AssertionError):
+        directional_check(lrn, sinusoid_episode(3).to(dtype=F64), seed=SEED)
+
+
+# -- FOMAML ---------------------------------------------------------------------------------------------
+def test_fomaml_is_the_query_gradient_at_the_adapted_parameters():
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    ep = sinusoid_episode(4).to(dtype=F64)
+    opts = dict(hidden=[16, 16], inner_lr=0.1, inner_steps=1)
+    fo = metalens.make_learner("fomaml", fam, seed=SEED, **opts).double()
+    so = metalens.make_learner("maml", fam, seed=SEED, **opts).double()
+    g_fo, g_so = meta_grads(fo, ep), meta_grads(so, ep)
+    # reference: adapt each task by plain SGD, take the query-loss gradient there, average over tasks
+    ref = {k: torch.zeros_like(v) for k, v in g_fo.items()}
+    for t in range(ep.n_tasks):
+        phi = sgd_loop(fo.net, ep.support_x[t], ep.support_y[t], steps=1, lr=0.1)
+        loss = ((phi(ep.query_x[t]) - ep.query_y[t]) ** 2).mean() / ep.n_tasks
+        for (k, _), gk in zip(phi.named_parameters(), torch.autograd.grad(loss, list(phi.parameters()))):
+            ref["net." + k] += gk
+    for k in ref:
+        torch.testing.assert_close(g_fo[k], ref[k], rtol=1e-10, atol=1e-12)
+    diff = sum(((g_fo[k] - g_so[k]) ** 2).sum() for k in g_fo).sqrt()
+    norm = sum((g_so[k] ** 2).sum() for k in g_so).sqrt()
+    print(f"seed={SEED} |g_fomaml - g_maml| / |g_maml| = {diff / norm:.3g}")
+    assert diff > 1e-3 * norm  # the second-order term is really there in MAML
+
+
+# -- Reptile ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inner_data", ["support", "support+query"])
+def test_reptile_sgd_step_moves_theta_toward_the_mean_adapted_parameters(inner_data):
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    ep = sinusoid_episode(4).to(dtype=F64)
+    steps, alpha, eps = 3, 0.05, 0.3
+    lrn = metalens.make_learner("reptile", fam, seed=SEED, hidden=[16, 16], inner_steps=steps, inner_lr=alpha,
+                                inner_data=inner_data).double()
+    theta = {k: p.detach().clone() for k, p in lrn.net.named_parameters()}
+    phis = []
+    for t in range(ep.n_tasks):
+        x, y = ep.support_x[t], ep.support_y[t]
+        if inner_data == "support+query":
+            x, y = torch.cat([x, ep.query_x[t]]), torch.cat([y, ep.query_y[t]])
+        phis.append(dict(sgd_loop(lrn.net, x, y, steps=steps, lr=alpha).named_parameters()))
+    expected = {k: theta[k] + eps * (torch.stack([p[k].detach() for p in phis]).mean(0) - theta[k]) for k in theta}
+    # one trainer-style step with outer SGD
+    opt = torch.optim.SGD(lrn.parameters(), lr=eps)
+    opt.zero_grad()
+    loss, metrics = lrn.meta_loss(ep)
+    loss.backward()
+    opt.step()
+    for k, p in lrn.net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[k], rtol=1e-12, atol=1e-12)
+    assert metrics["loss"] > 0
+
+
+# -- iMAML against the closed form of ridge-regularised least squares ------------------------------------
+def test_imaml_meta_gradient_matches_the_exact_implicit_gradient():
+    T, d, S, Q, lam = 4, 3, 8, 6, 2.0
+    fam = metalens.make_task("linear", dim=d, shots=S, queries=Q, noise_std=0.1)
+    ep = fam.episode(SEED, 0, T).to(dtype=F64)
+    mask = torch.ones(T, S, dtype=torch.bool)
+    mask[1, -3:] = False  # padded support points must be ignored
+    ep = Episode(ep.support_x, ep.support_y, ep.query_x, ep.query_y, support_mask=mask)
+    # a linear model (MLP without hidden layers), converged inner problem, exact CG (d + 1 unknowns)
+    lrn = metalens.make_learner("imaml", fam, seed=SEED, hidden=[], lam=lam, inner_lr=0.1, inner_steps=800,
+                                cg_steps=d + 1).double()
+    with torch.no_grad():
+        for p in lrn.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(SEED + 1))
+    layer = lrn.net.layers[0]
+    theta = torch.cat([layer.weight.detach().flatten(), layer.bias.detach()])
+    loss, metrics = lrn.meta_loss(ep)
+    loss.backward()
+    got = torch.cat([layer.weight.grad.flatten(), layer.bias.grad])
+    ref, q_loss = torch.zeros(d + 1, dtype=F64), 0.0
+    I = torch.eye(d + 1, dtype=F64)
+    for t in range(T):
+        m = mask[t]
+        X = torch.cat([ep.support_x[t][m], torch.ones(int(m.sum()), 1, dtype=F64)], 1)
+        y = ep.support_y[t][m, 0]
+        Xq = torch.cat([ep.query_x[t], torch.ones(Q, 1, dtype=F64)], 1)
+        H = 2 / len(y) * X.T @ X  # Hessian of the mean squared support loss
+        phi = torch.linalg.solve(H + lam * I, 2 / len(y) * X.T @ y + lam * theta)  # ridge toward theta
+        grad_q = 2 / Q * Xq.T @ (Xq @ phi - ep.query_y[t, :, 0])
+        ref += torch.linalg.solve(I + H / lam, grad_q) / T
+        q_loss += ((Xq @ phi - ep.query_y[t, :, 0]) ** 2).mean().item() / T
+    print(f"seed={SEED} imaml={got.tolist()} exact={ref.tolist()}")
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
+    assert metrics["loss"] == pytest.approx(q_loss, rel=1e-8)
+    # and it is not just the query gradient at phi (the implicit correction matters here)
+    assert not torch.allclose(got, torch.zeros_like(got))
+
+
+def test_imaml_with_few_cg_steps_is_only_approximate():
+    """The closed-form check is sharp: one CG step on a 4-unknown system misses the exact gradient."""
+    T, d = 3, 3
+    fam = metalens.make_task("linear", dim=d, shots=8, queries=6)
+    ep = fam.episode(SEED, 1, T).to(dtype=F64)
+    exact = metalens.make_learner("imaml", fam, seed=SEED, hidden=[], lam=0.5, inner_lr=0.1, inner_steps=400,
+                                  cg_steps=d + 1).double()
+    rough = metalens.make_learner("imaml", fam, seed=SEED, hidden=[], lam=0.5, inner_lr=0.1, inner_steps=400,
+                                  cg_steps=1).double()
+    ga, gb = meta_grads(exact, ep), meta_grads(rough, ep)
+    assert not all(torch.allclose(ga[k], gb[k], rtol=1e-3) for k in ga)
+
+
+def test_conjugate_gradient_solves_spd_systems_and_stops_at_negative_curvature():
+    g = torch.Generator().manual_seed(SEED)
+    print(f"seed={SEED}")
+    B = torch.randn(5, 5, generator=g, dtype=F64)
+    M = B @ B.T + 0.5 * torch.eye(5, dtype=F64)
+    b = torch.randn(5, generator=g, dtype=F64)
+    x = conjugate_gradient(lambda v: {"x": M @ v["x"]}, {"x": b}, steps=5)["x"]
+    torch.testing.assert_close(x, torch.linalg.solve(M, b), rtol=1e-8, atol=1e-10)
+    # negative definite: the first direction has p^T A p < 0, so CG stops at x = 0 instead of diverging
+    x = conjugate_gradient(lambda v: {"x": -M @ v["x"]}, {"x": b}, steps=5)["x"]
+    assert torch.equal(x, torch.zeros_like(b))
+
+
+def _graph_size(t: torch.Tensor) -> int:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return len(seen)
+
+
+@pytest.mark.parametrize("name", ["reptile", "imaml"])
+def test_reptile_and_imaml_keep_no_graph_of_the_inner_steps(name):
+    """Memory independent of the number of inner steps: the graph of the loss does not grow with them."""
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    ep = sinusoid_episode(2)
+    sizes = {n: {s: _graph_size(metalens.make_learner(n, fam, seed=SEED, hidden=[8], inner_steps=s).meta_loss(ep)[0])
+                 for s in (1, 6)} for n in (name, "maml")}
+    assert sizes[name][1] == sizes[name][6], sizes
+    assert sizes["maml"][6] > sizes["maml"][1], sizes  # the counter does see MAML's unrolled steps
+
+
+# -- the linear family: one inner step from theta = 0 ----------------------------------------------------
+def test_one_maml_step_from_zero_on_linear_regression_is_the_closed_form():
+    d, S, alpha = 4, 7, 0.15
+    fam = metalens.make_task("linear", dim=d, shots=S, queries=5)
+    ep = fam.episode(SEED, 0, 3)
+    lrn = metalens.make_learner("maml", fam, seed=SEED, hidden=[], inner_lr=alpha, inner_steps=1,
+                                eval_inner_steps=1)
+    with torch.no_grad():
+        for p in lrn.parameters():
+            p.zero_()
+    phi = lrn.adapt_tasks(lrn.theta(), ep.support_x, ep.support_y, None, steps=1)
+    X, y = ep.support_x, ep.support_y  # [T, S, d], [T, S, 1]
+    # loss mean_i (w.x_i + b - y_i)^2 at w = b = 0: gradient -(2/S) X^T y, so phi = (2 alpha / S) X^T y
+    w = 2 * alpha / S * (X.transpose(1, 2) @ y)[..., 0]  # [T, d]
+    b = 2 * alpha / S * y.sum((1, 2))  # [T]
+    torch.testing.assert_close(phi["layers.0.weight"][:, 0], w)
+    torch.testing.assert_close(phi["layers.0.bias"][:, 0], b)
+    with torch.no_grad():
+        mean = lrn.predict(ep.support_x, ep.support_y, ep.query_x).mean
+    torch.testing.assert_close(mean[..., 0], (ep.query_x @ w[..., None])[..., 0] + b[:, None])
+
+
+# -- Meta-SGD and ANIL -------------------------------------------------------------------------------------
+def test_metasgd_steps_elementwise_with_its_learned_rates():
+    fam = metalens.make_task("sinusoid", shots=5)
+    ep = sinusoid_episode(3)
+    lrn = metalens.make_learner("metasgd", fam, seed=SEED, hidden=[8], inner_steps=1)
+    gen = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for a in lrn.alpha:
+            assert torch.all(a == 0.01)  # initialised to inner_lr
+            a.copy_(torch.rand(a.shape, generator=gen) * 0.1)
+    phi = lrn.adapt_tasks(lrn.theta(), ep.support_x, ep.support_y, None, steps=1)
+    alphas = lrn.alphas()
+    for t in range(3):
+        net = copy.deepcopy(lrn.net)
+        loss = ((net(ep.support_x[t]) - ep.support_y[t]) ** 2).mean()
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        for (k, p), gk in zip(net.named_parameters(), grads):
+            torch.testing.assert_close(phi[k][t], p - alphas[k] * gk)
+    g = meta_grads(lrn, ep)
+    for i in range(len(lrn.alpha)):
+        assert torch.isfinite(g[f"alpha.{i}"]).all() and g[f"alpha.{i}"].abs().sum() > 0
+
+
+def test_anil_adapts_only_the_head_and_meta_trains_the_body():
+    fam = metalens.make_task("sinusoid", shots=5)
+    ep = sinusoid_episode(3)
+    lrn = metalens.make_learner("anil", fam, seed=SEED, hidden=[8, 8], inner_steps=2, inner_lr=0.1)
+    head = set(head_names(lrn.net))
+    assert head == {"layers.4.weight", "layers.4.bias"}
+    theta = lrn.theta()
+    phi = lrn.adapt_tasks(theta, ep.support_x, ep.support_y, None, steps=2)
+    for k in theta:
+        moved = (phi[k] - theta[k].detach()).abs().amax().item()
+        assert (moved > 1e-4) if k in head else (moved == 0.0), (k, moved)
+    g = meta_grads(lrn, ep)
+    assert all(g[f"net.{k}"].abs().sum() > 0 for k in theta)  # the body gets meta-gradients too
+    conv = metalens.make_learner("anil", image_spec(), backbone="conv4", channels=4)
+    assert head_names(conv.net) == ("head.weight", "head.bias")
+
+
+# -- eval_inner_steps -------------------------------------------------------------------------------------
+def test_predict_uses_eval_inner_steps_and_meta_loss_uses_inner_steps():
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    ep = sinusoid_episode(3)
+    lrn = metalens.make_learner("maml", fam, seed=SEED, hidden=[8], inner_steps=1, eval_inner_steps=4,
+                                inner_lr=0.05)
+
+    def query_out(steps):
+        phi = lrn.adapt_tasks(lrn.theta(), ep.support_x, ep.support_y, None, steps=steps)
+        return lrn.apply_tasks(phi, ep.query_x).detach()
+
+    for mode in (lrn.train, lrn.eval):  # module.training changes nothing
+        mode()
+        with torch.no_grad():
+            mean = lrn.predict(ep.support_x, ep.support_y, ep.query_x).mean
+        torch.testing.assert_close(mean, query_out(4))
+        assert not torch.allclose(mean, query_out(1))
+        loss, _ = lrn.meta_loss(ep)
+        torch.testing.assert_close(loss.detach(), ((query_out(1) - ep.query_y) ** 2).mean())
+    same = metalens.make_learner("maml", fam, seed=SEED, hidden=[8], inner_steps=2, eval_inner_steps=0)
+    assert same.eval_steps == 2
+    assert metalens.make_learner("metasgd", fam).eval_steps == 1  # Meta-SGD: as many as in training
+
+
+# -- masks ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", GRADIENT_LEARNERS)
+def test_masked_points_are_ignored(name):
+    fam = metalens.make_task("sinusoid", shots=6, queries=5)
+    ep = sinusoid_episode(2, shots=6, queries=5)
+    lrn = metalens.make_learner(name, fam, seed=SEED, hidden=[8], inner_steps=2)
+    smask = torch.tensor([[True] * 4 + [False] * 2] * 2)
+    qmask = torch.tensor([[True] * 3 + [False] * 2] * 2)
+    sy, qy = ep.support_y.clone(), ep.query_y.clone()
+    sy[:, 4:] = 100.0  # garbage in padded points
+    qy[:, 3:] = -100.0
+    padded = Episode(ep.support_x, sy, ep.query_x, qy, smask, qmask)
+    short = Episode(ep.support_x[:, :4], ep.support_y[:, :4], ep.query_x[:, :3], ep.query_y[:, :3])
+    with torch.no_grad():
+        a = lrn.predict(padded.support_x, padded.support_y, padded.query_x, support_mask=smask).mean
+        b = lrn.predict(short.support_x, short.support_y, padded.query_x).mean
+    torch.testing.assert_close(a, b)
+    ga, gb = meta_grads(lrn, padded), meta_grads(lrn, short)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-5, atol=1e-6)
+
+
+# -- the contract, for every gradient learner on a regression and a classification family ------------------
+@pytest.mark.parametrize("task", ["sinusoid", "clusters"])
+@pytest.mark.parametrize("name", GRADIENT_LEARNERS)
+def test_contract(name, task):
+    fam = metalens.make_task(task)
+    lrn = metalens.make_learner(name, fam, seed=SEED)
+    ep = fam.episode(SEED, 0, 4)
+    with torch.no_grad():
+        d1 = lrn.predict(ep.support_x, ep.support_y, ep.query_x)
+        d2 = lrn.predict(ep.support_x, ep.support_y, ep.query_x)
+    if fam.spec.is_classification:
+        assert d1.logits.shape == (4, ep.n_query, fam.spec.num_classes)
+        assert torch.isfinite(d1.logits).all() and torch.equal(d1.logits, d2.logits)
+    else:
+        assert d1.mean.shape == (4, ep.n_query, 1)
+        assert torch.isfinite(d1.mean).all() and torch.equal(d1.mean, d2.mean)
+    assert not lrn.probabilistic
+    loss, metrics = lrn.meta_loss(ep, generator=torch.Generator().manual_seed(SEED))
+    assert loss.dim() == 0 and torch.isfinite(loss) and torch.isfinite(torch.tensor(metrics["loss"]))
+    loss.backward()
+    for k, p in lrn.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), k
+    assert sum(p.grad.abs().sum() for p in lrn.parameters()) > 0
+
+
+@pytest.mark.parametrize("name", GRADIENT_LEARNERS)
+def test_contract_conv4(name):
+    ep = image_episode(2)
+    lrn = metalens.make_learner(name, image_spec(), seed=SEED, backbone="conv4", channels=4, inner_steps=2,
+                                inner_lr=0.1)
+    with torch.no_grad():
+        logits = lrn.predict(ep.support_x, ep.support_y, ep.query_x).logits
+    assert logits.shape == (2, ep.n_query, 3) and torch.isfinite(logits).all()
+    loss, _ = lrn.meta_loss(ep)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for k, p in lrn.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), k
+
+
+@pytest.mark.parametrize("name", GRADIENT_LEARNERS)
+def test_short_training_lowers_held_out_mse(name):
+    fam = metalens.make_task("sinusoid")
+    steps = 150 if name == "imaml" else 300
+    ev0 = metalens.evaluate(metalens.make_learner(name, fam, seed=SEED), fam, episodes=100, seed=SEED,
+                            with_oracle=False)
+    lrn = metalens.make_learner(name, fam, seed=SEED)
+    train(lrn, fam, TrainConfig(steps=steps, batch_tasks=10, seed=SEED), progress=False)
+    ev1 = metalens.evaluate(lrn, fam, episodes=100, seed=SEED, with_oracle=False)
+    gain = ev0.per_task["mse"] - ev1.per_task["mse"]  # the same held-out tasks: a paired comparison
+    half = 1.96 * gain.std(ddof=1) / len(gain) ** 0.5
+    print(f"seed={SEED} {name}: held-out mse {ev0.metrics['mse']} -> {ev1.metrics['mse']} "
+          f"(paired gain {gain.mean():.3g} +- {half:.2g})")
+    assert gain.mean() > half and ev1.metrics["mse"].mean < 0.9 * ev0.metrics["mse"].mean
+
+
+# -- configuration errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, opts, match", [
+    ("maml", {"backbone": "resnet"}, "backbone must be"),
+    ("maml", {"inner_lr": 0.0}, "inner_lr must be > 0"),
+    ("maml", {"batching": "threads"}, "batching must be one of"),
+    ("reptile", {"inner_steps": 0}, "Reptile needs inner_steps >= 1"),
+    ("reptile", {"inner_data": "query"}, "inner_data must be"),
+    ("imaml", {"lam": 100.0, "inner_lr": 0.05}, "inner_lr \\* lam must be < 2"),
+    ("maml", {"backbone": "conv4"}, "image inputs"),
+])
+def test_config_errors_say_how_to_fix_them(name, opts, match):
+    with pytest.raises(ValueError, match=match):
+        metalens.make_learner(name, metalens.make_task("sinusoid"), **opts)
+
+
+def test_linear_model_backbone_and_registration():
+    assert set(GRADIENT_LEARNERS) <= set(metalens.LEARNERS.names())
+    lrn = metalens.make_learner("maml", metalens.make_task("linear", dim=3), hidden=[])
+    assert isinstance(lrn.net, MLP) and [k for k, _ in lrn.net.named_parameters()] == ["layers.0.weight",
+                                                                                       "layers.0.bias"]
+    for name in GRADIENT_LEARNERS:
+        plan = metalens.LEARNERS[name].cls.tour
+        assert plan is not None and plan.task == "sinusoid"
+        metalens.RunConfig.resolve(plan.task, name, plan.task_options, plan.learner_options, plan.train)
