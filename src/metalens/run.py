@@ -32,7 +32,8 @@ from metalens.registry import LEARNERS, TASKS
 from metalens.tasks.base import TaskFamily
 from metalens.train import TrainConfig, TrainResult, train
 
-__all__ = ["RunConfig", "Run", "RunFolderError", "make_task", "make_learner", "start_run", "load_run"]
+__all__ = ["RunConfig", "Run", "RunFolderError", "make_task", "make_learner", "start_run", "load_run",
+           "ensure_trained"]
 
 
 class RunFolderError(ValueError):
@@ -174,6 +175,19 @@ def _prepare_folder(config: RunConfig, path: Path, resume: bool) -> None:
         raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
     path.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json_atomic(path / "config.json", config.to_json())
+
+
+def ensure_trained(config: RunConfig, out: str | Path, *, progress: bool | None = None) -> Run:
+    """Train ``config`` into folder ``out``, or finish / reuse the run already there.
+
+    A folder holding the same configuration is resumed (a finished run is reused
+    as it is); one holding a different run is refused, as by :func:`start_run`.
+    """
+    out = Path(out)
+    resume = (out / "config.json").exists()
+    run = start_run(config, out, resume=resume)
+    run.train(resume=resume, progress=progress)
+    return run
 
 
 def train_worker(config_json: dict[str, Any], out: str | None, resume: bool, progress: bool | None) -> None:

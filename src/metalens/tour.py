@@ -17,7 +17,7 @@ from typing import Any
 from metalens.evaluate import Evaluation
 from metalens.registry import LEARNERS
 from metalens.report import plot_regression_tasks, write_report
-from metalens.run import Run, RunConfig, start_run
+from metalens.run import Run, RunConfig, ensure_trained
 
 __all__ = ["tour"]
 
@@ -52,13 +52,10 @@ def tour(
         if "steps" in train_opts:
             train_opts["steps"] = max(1, round(train_opts["steps"] * steps_scale))
         cfg = RunConfig.resolve(plan.task, name, plan.task_options, plan.learner_options, train_opts)
-        run_dir = out / "runs" / name
-        resume = (run_dir / "config.json").exists()
-        run = start_run(cfg, run_dir, resume=resume)
         echo(f"[tour] {name} on {plan.task}: "
-             + (f"training {cfg.train.steps} steps" if run.learner.trainable else "nothing to train"))
+             + (f"training {cfg.train.steps} steps" if LEARNERS[name].cls.trainable else "nothing to train"))
         t0 = time.perf_counter()
-        run.train(resume=resume, progress=progress)
+        run = ensure_trained(cfg, out / "runs" / name, progress=progress)
         t1 = time.perf_counter()
         ev = run.evaluate(episodes=episodes, progress=bool(progress))
         t2 = time.perf_counter()

@@ -78,6 +78,9 @@ class Learner(nn.Module, ABC):
     - ``probabilistic``: True when ``predict``'s distribution is a real predictive
       (its NLL is reported); False for MSE-trained regressors whose Normal only
       carries the mean.
+    - ``tour``: the learner's canonical family and small budget for ``metalens tour``.
+    - ``adaptation_steps_option``: the config field holding the number of
+      gradient steps ``predict`` takes, for learners that adapt by steps.
     """
 
     Config: ClassVar[type]
@@ -85,6 +88,9 @@ class Learner(nn.Module, ABC):
     trainable: ClassVar[bool] = True
     probabilistic: ClassVar[bool] = False
     tour: ClassVar[TourPlan | None] = None
+    # The config field that sets how many adaptation steps ``predict`` takes (None:
+    # the learner does not adapt by steps); studies vary it at evaluation time.
+    adaptation_steps_option: ClassVar[str | None] = None
 
     def __init__(self, spec: TaskSpec, config: Any) -> None:
         super().__init__()

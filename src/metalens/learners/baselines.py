@@ -81,6 +81,7 @@ class Scratch(Learner):
 
     trainable = False
     tour = TourPlan(task="sinusoid")
+    adaptation_steps_option = "steps"
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())
@@ -116,6 +117,7 @@ class Pretrain(Learner):
                 raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
 
     tour = TourPlan(task="sinusoid", train=_SINUSOID_TOUR_TRAIN)
+    adaptation_steps_option = "finetune_steps"
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())

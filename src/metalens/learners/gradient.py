@@ -365,6 +365,8 @@ class GradientLearner(Learner):
     ``first_order`` / ``proximal`` (passed to :func:`adapt`), plus its ``meta_loss``.
     """
 
+    adaptation_steps_option = "eval_inner_steps"
+
     first_order: bool = False
 
     def __init__(self, spec: TaskSpec, config: GradientConfig | None = None) -> None:
