@@ -1,0 +1,86 @@
+"""The neural-processes study: a smoke run from the CLI, run reuse, and its exact GP joint likelihood."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+
+import metalens
+from metalens.cli import main
+from metalens.registry import STUDIES
+from metalens.studies.neural_processes import NeuralProcesses, gp_joint_log_likelihood
+from metalens.tasks.gp import kernel_matrix
+
+torch.set_num_threads(1)
+
+
+def test_quick_study_from_the_cli_writes_its_report_and_reuses_its_runs(capsys, tmp_path):
+    out = tmp_path / "np"
+    argv = ["study", "neural-processes", "--out", str(out), "--quiet", "--set", "study.quick=true",
+            "--set", 'study.kernels=["rbf", "rbf-random"]']
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["kernel"], r["model"]) for r in report["loglik"]] == [
+        (k, m) for k in ("rbf", "rbf-random") for m in ("oracle", "cnp", "lnp", "anp")]
+    for r in report["loglik"]:
+        assert all(math.isfinite(r[k]["mean"]) for k in ("ll", "oracle_ll", "gap", "joint_ll", "oracle_joint_ll"))
+    oracle = report["loglik"][0]
+    assert oracle["gap"]["mean"] == 0.0 and oracle["ll"] == report["loglik"][1]["oracle_ll"]
+    assert [(o["kernel"], o["pair"]) for o in report["ordering"]] == [
+        (k, p) for k in ("rbf", "rbf-random") for p in ("anp - lnp", "lnp - cnp", "anp - cnp")]
+    lls = {r["model"]: r["ll"]["mean"] for r in report["loglik"][:4]}
+    assert report["ordering"][0]["difference"]["mean"] == pytest.approx(lls["anp"] - lls["lnp"])
+    curve = report["curves"]["rbf"]
+    assert set(curve) == {"oracle", "cnp", "lnp", "anp"} and [p[0] for p in curve["oracle"]] == [0, 3, 10]
+    # n = 0 is the GP prior for the oracle: N(0, 1 + 0.05^2) per point
+    assert curve["oracle"][0][1] < curve["oracle"][1][1] < curve["oracle"][2][1]
+    assert [r["learner"] for r in report["sinusoid"]][:3] == ["cnp", "lnp", "anp"]
+    assert ("maml" in metalens.LEARNERS) == ("maml" in [r["learner"] for r in report["sinusoid"]])
+    for fig in report["figures"]:
+        assert (out / fig).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "--set 'study.quick=true'" in md and "| rbf-random | `anp` |" in md
+    assert sorted(p.name for p in (out / "runs").iterdir())[:3] == ["anp-rbf", "anp-rbf-random", "anp-sinusoid"]
+    # a second run reuses the finished runs (and refuses nothing)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "(resuming)" in capsys.readouterr().out
+
+
+def test_study_is_registered_and_checks_its_options():
+    assert STUDIES["neural-processes"].cls is NeuralProcesses
+    with pytest.raises(ValueError, match="kernels must be among"):
+        NeuralProcesses.Config(kernels=("rbf", "cosine"))
+    with pytest.raises(ValueError, match="models must be among"):
+        NeuralProcesses.Config(models=("maml",))
+
+
+@pytest.mark.parametrize("options", [{"kernel": "matern52"}, {"kernel": "rbf", "lengthscale_range": (0.2, 0.8)}])
+def test_gp_joint_log_likelihood_matches_a_direct_computation(options):
+    seed = 11
+    family = metalens.make_task("gp", max_context=7, max_target=5, oracle_nodes=12, **options)
+    ep = family.eval_episodes(seed, 3)
+    got = gp_joint_log_likelihood(family, ep)
+    ls, log_w = family.quadrature()
+    for t in range(3):
+        sm, qm = ep.support_mask[t], ep.query_mask[t]
+        sx, sy = ep.support_x[t, sm, 0].double(), ep.support_y[t, sm, 0].double()
+        qx, qy = ep.query_x[t, qm, 0].double(), ep.query_y[t, qm, 0].double()
+        x, y = torch.cat([sx, qx]), torch.cat([sy, qy])
+
+        def log_ml(x, y, l):
+            K = kernel_matrix(family.config.kernel, x, x, l) + family.noise_var * torch.eye(len(x), dtype=torch.float64)
+            return MultivariateNormal(torch.zeros_like(y), K).log_prob(y)
+
+        joint = torch.logsumexp(torch.stack([log_ml(x, y, l) for l in ls]) + log_w, 0)
+        context = torch.logsumexp(torch.stack([log_ml(sx, sy, l) for l in ls]) + log_w, 0)
+        assert float(got[t]) == pytest.approx(float(joint - context), abs=1e-6), f"seed {seed}, task {t}"
+    # one target: the joint is the oracle's per-point predictive
+    one = metalens.make_task("gp", max_context=7, min_target=1, max_target=1, oracle_nodes=12, **options)
+    ep = one.eval_episodes(seed, 4)
+    lp = one.oracle(ep.support_x, ep.support_y, ep.query_x, support_mask=ep.support_mask).log_prob(ep.query_y)
+    torch.testing.assert_close(gp_joint_log_likelihood(one, ep), lp[:, 0, 0].double(), rtol=1e-5, atol=1e-5)
