@@ -459,7 +459,7 @@ class MAML(GradientLearner):
     """MAML: learned initialisation, second-order meta-gradient through the inner steps (Finn et al. 2017)."""
 
     Config = GradientConfig
-    tour = TourPlan(task="sinusoid", learner_options=_FINN_SINUSOID, train=_tour_train(5000))
+    tour = TourPlan(task="sinusoid", learner_options=_FINN_SINUSOID, train=_tour_train(2000))
 
 
 @LEARNERS.register("fomaml")
@@ -468,7 +468,7 @@ class FOMAML(GradientLearner):
 
     Config = GradientConfig
     first_order = True
-    tour = TourPlan(task="sinusoid", learner_options=_FINN_SINUSOID, train=_tour_train(5000))
+    tour = TourPlan(task="sinusoid", learner_options=_FINN_SINUSOID, train=_tour_train(2000))
 
 
 @dataclass(frozen=True)
@@ -484,7 +484,7 @@ class MetaSGD(GradientLearner):
 
     Config = MetaSGDConfig
     tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "eval_inner_steps": None},
-                    train=_tour_train(5000))
+                    train=_tour_train(2000))
 
     def __init__(self, spec: TaskSpec, config: MetaSGDConfig | None = None) -> None:
         super().__init__(spec, config)
@@ -507,7 +507,7 @@ class ANIL(GradientLearner):
     Config = GradientConfig
     # 3 inner steps in training: with Finn's single step the learned features make 10 head steps
     # of rate 0.01 diverge on a few held-out tasks (measured on the tour)
-    tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "inner_steps": 3}, train=_tour_train(5000))
+    tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "inner_steps": 3}, train=_tour_train(2000))
 
     def __init__(self, spec: TaskSpec, config: GradientConfig | None = None) -> None:
         super().__init__(spec, config)
@@ -535,7 +535,7 @@ class Reptile(GradientLearner):
 
     Config = ReptileConfig
     tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "inner_steps": 5},
-                    train=_tour_train(4000))
+                    train=_tour_train(1500))
 
     def __init__(self, spec: TaskSpec, config: ReptileConfig | None = None) -> None:
         super().__init__(spec, config)
@@ -601,7 +601,7 @@ class IMAML(GradientLearner):
     tour = TourPlan(task="sinusoid",
                     learner_options={"hidden": [40, 40], "inner_lr": 0.01, "inner_steps": 10, "lam": 1.0,
                                      "eval_inner_steps": 10},
-                    train={**_tour_train(1000), "grad_clip": 10.0})
+                    train={**_tour_train(300), "grad_clip": 10.0})
 
     def __init__(self, spec: TaskSpec, config: IMAMLConfig | None = None) -> None:
         super().__init__(spec, config)

@@ -295,7 +295,7 @@ class CNP(Learner):
 
     Config = CNPConfig
     probabilistic = True
-    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 6000})
+    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 1500})
 
     def __init__(self, spec: TaskSpec, config: CNPConfig | None = None) -> None:
         super().__init__(spec, config if config is not None else type(self).Config())
@@ -425,7 +425,7 @@ class LNP(LatentNeuralProcess):
     """Latent Neural Process: mean-pooled deterministic path + global latent z, ELBO-trained (Garnelo et al. 2018b)."""
 
     Config = LNPConfig
-    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 4000})
+    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 1000})
 
 
 @LEARNERS.register("anp")
@@ -433,7 +433,7 @@ class ANP(LatentNeuralProcess):
     """Attentive Neural Process: self-attention, multi-head cross-attention and a latent path (Kim et al. 2019)."""
 
     Config = ANPConfig
-    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 800})
+    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 200})
 
     def _build_deterministic(self, dx: int, dy: int) -> nn.Module:
         c = self.config
