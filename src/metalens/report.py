@@ -3,18 +3,20 @@ PNG figures for people."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributions import Distribution
 
 from metalens.checkpoint import write_json_atomic
+from metalens.episode import Episode
 from metalens.evaluate import Evaluation, Metric
 from metalens.learners.base import Learner
 from metalens.tasks.base import TaskFamily
 
-__all__ = ["metrics_table", "write_report", "plot_regression_tasks"]
+__all__ = ["metrics_table", "write_report", "plot_regression_tasks", "plot_decision_regions"]
 
 _LOWER_IS_BETTER = {"mse": True, "nll": True, "accuracy": False}
 
@@ -129,4 +131,68 @@ def write_report(
         "figures": [f.relative_to(out).as_posix() for f in figures],
         **(extra or {}),
     })
+    return path
+
+
+def plot_decision_regions(
+    path: str | Path,
+    episode: Episode,
+    predictors: Mapping[str, Callable[..., Distribution]],
+    *,
+    task: int = 0,
+    resolution: int = 200,
+    margin: float = 1.0,
+    title: str = "",
+) -> Path:
+    """The decision regions of 2-D classifiers on one task, side by side.
+
+    ``predictors`` maps a name to a ``predict``-like callable (a learner's ``predict``, or a
+    family's ``oracle``). Each panel colours the plane by the predicted class (lighter
+    where the prediction is less sure), with the support points as large outlined markers
+    and the query points as small dots, and gives the accuracy on the task's queries.
+    """
+    if episode.support_x.shape[2:] != (2,) or not episode.is_classification:
+        raise ValueError("plot_decision_regions needs a 2-D classification episode (x_shape (2,))")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    ep = episode[task: task + 1]
+    N = ep.num_classes
+    pts = torch.cat([ep.support_x[0], ep.query_x[0]])
+    lo, hi = pts.min(0).values - margin, pts.max(0).values + margin
+    xs = torch.linspace(float(lo[0]), float(hi[0]), resolution)
+    ys = torch.linspace(float(lo[1]), float(hi[1]), resolution)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    grid = torch.stack([gx.flatten(), gy.flatten()], -1)[None].to(ep.support_x.dtype)  # [1, R*R, 2]
+    colours = torch.tensor([to_rgb(f"C{n % 10}") for n in range(N)])  # [N, 3]
+    fig, axes = plt.subplots(1, len(predictors), figsize=(4.2 * len(predictors), 4.2), squeeze=False)
+    with torch.no_grad():
+        for ax, (name, predict) in zip(axes[0], predictors.items()):
+            probs = predict(ep.support_x, ep.support_y, grid, support_mask=ep.support_mask).probs[0]  # [R*R, N]
+            conf, cls = probs.max(-1)
+            rgb = colours[cls] * conf[:, None] + (1 - conf[:, None])  # fade to white when unsure
+            ax.imshow(rgb.reshape(resolution, resolution, 3).numpy(), origin="lower", interpolation="nearest",
+                      extent=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])), alpha=0.55)
+            q = predict(ep.support_x, ep.support_y, ep.query_x, support_mask=ep.support_mask).probs[0]
+            acc = float((q.argmax(-1) == ep.query_y[0]).double().mean())
+            for n in range(N):
+                s = ep.support_y[0] == n
+                ax.scatter(*ep.support_x[0][s].T.numpy(), s=110, color=f"C{n % 10}", edgecolors="k",
+                           linewidths=1.5, zorder=4)
+                qn = ep.query_y[0] == n
+                ax.scatter(*ep.query_x[0][qn].T.numpy(), s=14, color=f"C{n % 10}", edgecolors="k",
+                           linewidths=0.4, zorder=3)
+            ax.set_title(f"{name}: query accuracy {100 * acc:.0f}%", fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path

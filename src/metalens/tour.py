@@ -16,7 +16,7 @@ from typing import Any
 
 from metalens.evaluate import Evaluation
 from metalens.registry import LEARNERS
-from metalens.report import plot_regression_tasks, write_report
+from metalens.report import plot_decision_regions, plot_regression_tasks, write_report
 from metalens.run import Run, RunConfig, ensure_trained
 
 __all__ = ["tour"]
@@ -69,10 +69,19 @@ def tour(
     evaluations = []
     for (task, _), items in by_task.items():
         evaluations += [ev for _, _, ev in items]
-        fig = plot_regression_tasks(
-            out / "figures" / f"{task}.png", items[0][1].family,
-            {name: run.learner for name, run, _ in items if name != "oracle"},
-            title=f"{task}: held-out tasks")
+        family = items[0][1].family
+        spec = family.spec
+        learners = {name: run.learner for name, run, _ in items if name != "oracle"}
+        fig = None
+        if spec.is_classification and spec.x_shape == (2,):
+            predictors = {name: lrn.predict for name, lrn in learners.items()}
+            if spec.oracle is not None:
+                predictors["oracle"] = spec.oracle
+            fig = plot_decision_regions(out / "figures" / f"{task}.png", family.eval_episodes(0, 1), predictors,
+                                        title=f"{task}: a held-out task")
+        elif not spec.is_classification:
+            fig = plot_regression_tasks(out / "figures" / f"{task}.png", family, learners,
+                                        title=f"{task}: held-out tasks")
         if fig is not None:
             figures.append(fig)
     notes = ("Each learner meta-trained on its canonical family with the small budget of its tour plan "

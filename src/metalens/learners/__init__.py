@@ -4,6 +4,7 @@ from metalens.learners.base import Learner, TourPlan
 from metalens.learners import baselines  # noqa: F401  (registration)
 from metalens.learners import gradient  # noqa: F401
 from metalens.learners import neural_process  # noqa: F401
+from metalens.learners import metric  # noqa: F401
 from metalens.learners import in_context  # noqa: F401
 
 __all__ = ["Learner", "TourPlan"]
