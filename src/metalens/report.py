@@ -16,7 +16,7 @@ from metalens.evaluate import Evaluation, Metric
 from metalens.learners.base import Learner
 from metalens.tasks.base import TaskFamily
 
-__all__ = ["metrics_table", "write_report", "plot_regression_tasks", "plot_decision_regions"]
+__all__ = ["metrics_table", "write_report", "plot_regression_tasks", "plot_decision_regions", "save_figure"]
 
 _LOWER_IS_BETTER = {"mse": True, "nll": True, "accuracy": False}
 
@@ -27,6 +27,18 @@ def _fmt(m: Metric | None, name: str) -> str:
     if name == "accuracy":
         return f"{100 * m.mean:.2f}% ± {100 * m.ci95:.2f}"
     return f"{m.mean:.4f} ± {m.ci95:.4f}"
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (as PNG, creating folders) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def metrics_table(evals: Sequence[Evaluation]) -> str:
@@ -93,12 +105,7 @@ def plot_regression_tasks(
     axes[0][0].legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(
@@ -190,9 +197,4 @@ def plot_decision_regions(
             ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -54,7 +54,7 @@ from metalens.episode import Episode
 from metalens.evaluate import Evaluation, Metric, evaluate, summarize
 from metalens.learners.base import Learner
 from metalens.registry import STUDIES
-from metalens.report import write_report
+from metalens.report import save_figure, write_report
 from metalens.run import RunConfig, make_learner, make_task, start_run
 from metalens.studies import Study
 
@@ -140,11 +140,7 @@ def _plt():
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    _plt().close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

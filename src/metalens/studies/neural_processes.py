@@ -50,7 +50,7 @@ from metalens.episode import Episode
 from metalens.evaluate import Evaluation, Metric, evaluate, score, summarize
 from metalens.learners.base import Learner
 from metalens.registry import LEARNERS, STUDIES
-from metalens.report import write_report
+from metalens.report import save_figure, write_report
 from metalens.run import RunConfig, make_learner, make_task, start_run
 from metalens.studies import Study
 from metalens.tasks.gp import GP, kernel_matrix
@@ -505,11 +505,7 @@ def _plot_predictions(path: Path, family: GP, learners: dict[str, Learner], *, n
                 ax.set_ylabel(name)
                 ax.legend(fontsize=6, loc="lower left")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_curves(path: Path, curves: dict[str, dict[str, list[list[float]]]]) -> Path:
@@ -528,8 +524,4 @@ def _plot_curves(path: Path, curves: dict[str, dict[str, list[list[float]]]]) ->
         ax.set_xlabel("context points")
         ax.set_ylabel("per-target log-likelihood (nats)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

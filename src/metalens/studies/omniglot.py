@@ -41,7 +41,7 @@ from metalens.config import ConfigError, opt, to_dict
 from metalens.episode import TaskSpec
 from metalens.evaluate import Evaluation, evaluate
 from metalens.registry import LEARNERS, STUDIES
-from metalens.report import write_report
+from metalens.report import save_figure, write_report
 from metalens.run import Run, RunConfig, load_run, make_learner, start_run
 from metalens.studies import Study
 
@@ -318,11 +318,7 @@ def _plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]]) -> Path
     ax.set_ylabel("query cross-entropy (training tasks)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_task(path: Path, run: Run, *, seed: int) -> Path:
@@ -354,8 +350,4 @@ def _plot_task(path: Path, run: Run, *, seed: int) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{run.config.learner}: a held-out 5-way 1-shot task (top: support)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -21,7 +21,7 @@ from typing import Any
 from metalens.config import opt, to_dict
 from metalens.evaluate import Evaluation, Metric
 from metalens.registry import LEARNERS
-from metalens.report import plot_regression_tasks, write_report
+from metalens.report import plot_regression_tasks, save_figure, write_report
 from metalens.run import RunConfig, ensure_trained, load_run
 from metalens.studies import STUDIES, Study
 
@@ -176,8 +176,4 @@ def _plot_curves(path: Path, cells: dict[str, dict[tuple[int, int | None], Metri
         ax.set_ylabel("MSE (held-out)")
         ax.set_title(f"K = {K}")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
