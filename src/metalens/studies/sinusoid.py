@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metalens import checkpoint
 from metalens.config import opt, to_dict
 from metalens.evaluate import Evaluation, Metric
 from metalens.registry import LEARNERS
 from metalens.report import plot_regression_tasks, save_figure, write_report
 from metalens.run import RunConfig, ensure_trained, load_run
 from metalens.studies import STUDIES, Study
+from metalens.train import TrainingDiverged
 
 __all__ = ["SinusoidGradient"]
 
@@ -72,6 +74,7 @@ class SinusoidGradient(Study):
         cells: dict[str, dict[tuple[int, int | None], Metric]] = {}
         evals: list[Evaluation] = []
         timings: dict[str, float] = {}
+        diverged: dict[str, str] = {}  # learners whose training diverged: what happened
         runs = {}
         for name in c.learners:
             cls = LEARNERS[name].cls
@@ -83,7 +86,16 @@ class SinusoidGradient(Study):
                                     dict(plan.learner_options) if plan else {}, train)
             echo(f"[sinusoid] {name}: " + (f"training {cfg.train.steps} steps" if cls.trainable else "no training"))
             t0 = time.perf_counter()
-            ensure_trained(cfg, out / "runs" / name, progress=progress)
+            try:
+                ensure_trained(cfg, out / "runs" / name, progress=progress)
+            except TrainingDiverged as e:  # report the last good checkpoint, and say so
+                try:
+                    last = checkpoint.load(checkpoint.latest(out / "runs" / name)).step
+                except checkpoint.CheckpointError:
+                    echo(f"[sinusoid] {name}: {e}; no checkpoint to evaluate")
+                    continue
+                diverged[name] = f"{e.args[0].split(';')[0].removeprefix('training stopped: ')}; step {last} shown"
+                echo(f"[sinusoid] {name}: {diverged[name]}")
             timings[name] = round(time.perf_counter() - t0, 1)
             option = cls.adaptation_steps_option
             cells[name] = {}
@@ -108,6 +120,8 @@ class SinusoidGradient(Study):
             shown = "  ".join(f"K={K}/{n}: {m.mean:.3f}" for (K, n), m in cells[name].items())
             echo(f"[sinusoid] {name} ({timings[name]}s): {shown}")
         table = _table(cells, c)
+        if diverged:
+            table += "\n\n" + "\n".join(f"- `{n}`: training diverged ({why})." for n, why in diverged.items())
         figures = []
         fig = _plot_curves(out / "figures" / "mse_vs_steps.png", cells, c)
         if fig is not None:
@@ -132,7 +146,7 @@ class SinusoidGradient(Study):
         return write_report(out, title="Sinusoid regression: the gradient lens against the oracle",
                             evaluations=evals, figures=figures, notes=notes,
                             extra={"config": to_dict(c), "cells": json_cells, "train_seconds": timings,
-                                   "published": {k: {str(s): v for s, v in d.items()} for k, d in PUBLISHED.items()}})
+                                   "diverged": diverged, "published": {k: {str(s): v for s, v in d.items()} for k, d in PUBLISHED.items()}})
 
 
 def _table(cells: dict[str, dict[tuple[int, int | None], Metric]], c: Any) -> str:
