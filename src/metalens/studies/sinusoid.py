@@ -135,7 +135,7 @@ class SinusoidGradient(Study):
                 figures.append(p)
         steps = {n: math.ceil(BUDGETS[n] * scale) for n in c.learners if n in BUDGETS}
         notes = (f"Trained at K={c.train_shots} with each learner's tour configuration for {steps} steps "
-                 f"(seconds of training: {timings}); MSE on {episodes} held-out "
+                 f"(seconds spent training in this invocation, finished runs being reused: {timings}); MSE on {episodes} held-out "
                  "tasks per cell (mean ± 95% CI), after the given number of adaptation steps.\n\n" + table
                  + "\n\nPublished at K=5 (MSE after 1 / 5 / 10 steps): MAML 0.67 / 0.38 / 0.35 and pretrained "
                  "2.41 / 2.23 / 2.19 (Finn et al. 2017, appendix); Meta-SGD 0.90 ± 0.16 after one step "
