@@ -125,6 +125,14 @@ def test_tour_smoke(capsys, tmp_path):
     code, out, err = run(capsys, "tour", "--out", str(tmp_path / "t"), "--learner", "pretrain", "--episodes", "20",
                          "--steps-scale", "0.005", "--quiet")
     assert code == 0, err
+    # a run made with other options in the same folder is refused, with what to do
+    cfg_file = tmp_path / "t" / "runs" / "pretrain" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["learner"]["finetune_lr"] = 0.5
+    cfg_file.write_text(json.dumps(cfg))
+    code, out, err = run(capsys, "tour", "--out", str(tmp_path / "t"), "--learner", "pretrain", "--episodes", "20",
+                         "--steps-scale", "0.005", "--quiet")
+    assert code == 2 and "holds a tour run made with another configuration" in err and "remove" in err
 
 
 def test_python_dash_m_entry_point(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 from metalens.evaluate import Evaluation
 from metalens.registry import LEARNERS
 from metalens.report import plot_decision_regions, plot_regression_tasks, write_report
-from metalens.run import Run, RunConfig, ensure_trained
+from metalens.run import Run, RunConfig, RunFolderError, ensure_trained
 
 __all__ = ["tour"]
 
@@ -55,7 +55,12 @@ def tour(
         echo(f"[tour] {name} on {plan.task}: "
              + (f"training {cfg.train.steps} steps" if LEARNERS[name].cls.trainable else "nothing to train"))
         t0 = time.perf_counter()
-        run = ensure_trained(cfg, out / "runs" / name, progress=progress)
+        try:
+            run = ensure_trained(cfg, out / "runs" / name, progress=progress)
+        except RunFolderError:
+            raise RunFolderError(
+                f"{out / 'runs' / name} holds a tour run made with another configuration (an earlier metalens, "
+                f"or other options); remove {out} or choose another --out") from None
         t1 = time.perf_counter()
         ev = run.evaluate(episodes=episodes, progress=bool(progress))
         t2 = time.perf_counter()
