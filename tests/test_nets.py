@@ -51,3 +51,21 @@ def test_seeded_init_is_deterministic_and_isolated():
         c = MLP((1,), 1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.layers[0].weight, c.layers[0].weight)
+
+
+def test_fused_task_batchnorm_equals_primitive_ops_with_second_order_gradients():
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    plain, fused = TaskBatchNorm2d(4).double(), TaskBatchNorm2d(4, fused=True).double()
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(4, generator=g))
+        fused.weight.copy_(plain.weight)
+
+    def second_order(bn):  # d/dw of |d loss / dx|^2: a Hessian-vector product through the norm
+        (gx,) = torch.autograd.grad((bn(x) ** 3).sum(), x, create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum(), bn.weight)[0]
+
+    torch.testing.assert_close(fused(x), plain(x))
+    torch.testing.assert_close(second_order(fused), second_order(plain))
+    xt = torch.randn(3, 6, 4, 5, 5, generator=g, dtype=torch.float64)  # [tasks, ...]: always primitive ops
+    torch.testing.assert_close(fused(xt), plain(xt))

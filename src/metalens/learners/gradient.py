@@ -375,7 +375,9 @@ class GradientLearner(Learner):
         if c.backbone == "mlp":
             self.net: nn.Module = MLP(spec.x_shape, self.out_features, c.hidden, c.activation)
         else:
-            self.net = Conv4(spec.x_shape, self.out_features, channels=c.channels, blocks=c.blocks)
+            # the fused batch-norm kernel is exact outside vmap (the loop over tasks), not under it
+            self.net = Conv4(spec.x_shape, self.out_features, channels=c.channels, blocks=c.blocks,
+                             fused_norm=self.batching == "loop")
         self.adapted: tuple[str, ...] | None = None
 
     # -- the parts each learner chooses ----------------------------------------------------------
