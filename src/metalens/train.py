@@ -201,6 +201,8 @@ def train(
                 last_ckpt = checkpoint.latest(run_path)
             except checkpoint.CheckpointError:
                 last_ckpt = save(config.steps, metrics)
+        if w.size > 1:  # every rank (rank 0 with its last checkpoint written) ends together
+            torch.distributed.barrier()
     finally:
         bar.close()
         if log is not None:
