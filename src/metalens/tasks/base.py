@@ -22,7 +22,7 @@ from torch.distributions import Distribution
 from metalens import rng
 from metalens.episode import Episode, TaskSpec
 
-__all__ = ["TaskFamily", "Split", "EVAL_CHUNK"]
+__all__ = ["TaskFamily", "Split", "EVAL_CHUNK", "check_pool_options"]
 
 Split = Literal["train", "val", "test"]
 
@@ -30,6 +30,15 @@ Split = Literal["train", "val", "test"]
 # generator(seed, Stream.EVAL, c): task i of an evaluation is the same whatever the
 # number of episodes asked for or the batch size used to score them.
 EVAL_CHUNK = 50
+
+
+def check_pool_options(pool_log2: int | None, pool_seed: int) -> None:
+    """Validate the options of a family with a finite pool of ``2**pool_log2`` tasks (None: unbounded)."""
+    if pool_log2 is not None and (isinstance(pool_log2, bool) or not isinstance(pool_log2, int)
+                                  or not 0 <= pool_log2 <= 40):
+        raise ValueError(f"pool_log2 must be None or an integer in [0, 40], got {pool_log2!r}")
+    if pool_seed < 0:
+        raise ValueError(f"pool_seed must be >= 0, got {pool_seed}")
 
 
 class TaskFamily(ABC):

@@ -55,7 +55,7 @@ from metalens import rng
 from metalens.config import opt
 from metalens.episode import Episode, TaskSpec
 from metalens.registry import TASKS
-from metalens.tasks.base import Split, TaskFamily
+from metalens.tasks.base import Split, TaskFamily, check_pool_options
 
 __all__ = ["Projected", "load_dataset"]
 
@@ -174,11 +174,7 @@ class Projected(TaskFamily):
                                  f"{self.val_fraction} + {self.test_fraction}")
             if self.split_seed < 0:
                 raise ValueError(f"split_seed must be >= 0, got {self.split_seed}")
-            if self.pool_log2 is not None and (isinstance(self.pool_log2, bool) or not isinstance(self.pool_log2, int)
-                                               or not 0 <= self.pool_log2 <= 40):
-                raise ValueError(f"pool_log2 must be None or an integer in [0, 40], got {self.pool_log2!r}")
-            if self.pool_seed < 0:
-                raise ValueError(f"pool_seed must be >= 0, got {self.pool_seed}")
+            check_pool_options(self.pool_log2, self.pool_seed)
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())

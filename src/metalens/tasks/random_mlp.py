@@ -58,7 +58,7 @@ from metalens import rng
 from metalens.config import opt
 from metalens.episode import Episode, TaskSpec
 from metalens.registry import TASKS
-from metalens.tasks.base import Split, TaskFamily
+from metalens.tasks.base import Split, TaskFamily, check_pool_options
 
 __all__ = ["RandomMLP", "MLPFunctions", "ORACLE_MAX_LOG2"]
 
@@ -161,11 +161,7 @@ class RandomMLP(TaskFamily):
                 raise ValueError(f"shots must be >= 1, got {self.shots}")
             if self.queries < 1:
                 raise ValueError(f"queries must be >= 1, got {self.queries}")
-            if self.pool_log2 is not None and (isinstance(self.pool_log2, bool) or not isinstance(self.pool_log2, int)
-                                               or not 0 <= self.pool_log2 <= 40):
-                raise ValueError(f"pool_log2 must be None or an integer in [0, 40], got {self.pool_log2!r}")
-            if self.pool_seed < 0:
-                raise ValueError(f"pool_seed must be >= 0, got {self.pool_seed}")
+            check_pool_options(self.pool_log2, self.pool_seed)
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())
