@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from metalens.cli import main
 
@@ -85,6 +86,15 @@ def test_config_file(capsys, tmp_path):
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "study.steps=3"],
      "train --set accepts task.*, learner.* and train.* options only"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--threads", "0"], "--threads"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "train.device=banana"],
+     "device must be a torch device such as cpu, cuda or cuda:1, got 'banana'"),
+    (["study", "omniglot", "--out", "{tmp}/a", "--device", "banana"], "device must be a torch device"),
+    pytest.param(["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set",
+                  "train.device=cuda"], "CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(["study", "sinusoid-gradient", "--out", "{tmp}/a", "--device", "cuda"],
+                 "CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_errors_are_one_line_and_exit_2(capsys, tmp_path, argv, match):
     code, out, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])

@@ -67,5 +67,13 @@ def test_fused_task_batchnorm_equals_primitive_ops_with_second_order_gradients()
 
     torch.testing.assert_close(fused(x), plain(x))
     torch.testing.assert_close(second_order(fused), second_order(plain))
-    xt = torch.randn(3, 6, 4, 5, 5, generator=g, dtype=torch.float64)  # [tasks, ...]: always primitive ops
+    # several tasks [2, 3, B, C, H, W] fold into the fused kernel's channels: still per-task statistics
+    xt = (torch.randn(2, 3, 6, 4, 5, 5, generator=g, dtype=torch.float64)
+          * torch.arange(1.0, 7.0, dtype=torch.float64).view(2, 3, 1, 1, 1, 1)).requires_grad_()
     torch.testing.assert_close(fused(xt), plain(xt))
+    per_task = torch.stack([plain(xt[i, j]) for i in range(2) for j in range(3)]).view_as(xt)
+    torch.testing.assert_close(fused(xt), per_task)
+    gf = torch.autograd.grad((fused(xt) ** 3).sum(), [xt, fused.weight, fused.bias])
+    gp = torch.autograd.grad((plain(xt) ** 3).sum(), [xt, plain.weight, plain.bias])
+    for a, b in zip(gf, gp):
+        torch.testing.assert_close(a, b)

@@ -111,6 +111,7 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
 
     from metalens import checkpoint, distributed
     from metalens.run import RunConfig, _read_config, start_run, train_worker
+    from metalens.train import check_device
 
     _set_threads(threads)
     sec = _collect(config_file, sets)
@@ -136,6 +137,7 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
         raise click.UsageError("--task and --learner are required (or name them in --config)")
     cfg = RunConfig.resolve(task, learner, sec["task"], sec["learner"], sec["train"])
     progress = None if not quiet else False
+    check_device(cfg.train.device)  # before the run folder is touched
     under_torchrun = distributed.init_from_env(cfg.train.device)
     if nproc > 1 and under_torchrun:
         raise click.UsageError("--nproc cannot be combined with torchrun; let torchrun start the processes")
@@ -223,13 +225,17 @@ def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_s
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="a study option, e.g. --set study.steps=500 (see `metalens study NAME --help-options`).")
 @click.option("--help-options", is_flag=True, help="list the study's options and exit.")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device the study's runs train on, e.g. cuda (the neural-processes and omniglot "
+                   "studies also score there; scores do not depend on it beyond rounding).")
 @click.option("--quiet", is_flag=True, help="no progress bars.")
 @_threads_option
-def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_options: bool, quiet: bool,
-              threads: int | None) -> None:
+def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_options: bool, device: str,
+              quiet: bool, threads: int | None) -> None:
     """Run one of the literature's experiments (NAME) and write its report; no NAME lists them."""
     from metalens.config import ConfigError, field_docs, from_dict
     from metalens.registry import STUDIES
+    from metalens.train import check_device
 
     if name is None:
         click.echo("Studies (metalens study NAME --out DIR):")
@@ -250,8 +256,9 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     except ConfigError as e:
         raise ConfigError(f"study {name!r}: {e}") from None
     _set_threads(threads)
+    check_device(device)
     out = out or Path(f"runs/study-{name}")
-    path = entry.cls(config).run(out, progress=None if not quiet else False, echo=click.echo)
+    path = entry.cls(config, device=device).run(out, progress=None if not quiet else False, echo=click.echo)
     click.echo(f"report: {path}")
 
 

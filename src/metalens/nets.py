@@ -15,6 +15,7 @@ torch.Size([3, 7, 1])
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -74,8 +75,10 @@ class TaskBatchNorm2d(nn.Module):
     Why not ``nn.BatchNorm2d``: besides its running statistics, ``vmap`` over
     ``torch.func.grad`` with a second-order backward through it gives wrong
     meta-gradients (functorch issue 534); these primitive ops differentiate exactly.
-    ``fused=True`` uses PyTorch's fused kernel for single-task ``[B, C, H, W]`` inputs,
-    for callers that never ``vmap`` this module (a Python loop over tasks).
+    ``fused=True`` uses PyTorch's fused kernel (one task's ``[B, C, H, W]``, or several
+    tasks folded into its channel axis), for callers that never ``vmap`` this module: a
+    Python loop over tasks, or learners without an inner loop (Prototypical and Matching
+    networks).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5, *, fused: bool = False) -> None:
@@ -90,6 +93,15 @@ class TaskBatchNorm2d(nn.Module):
             # one task's [B, C, H, W] outside vmap: PyTorch's fused kernel (batch statistics,
             # no running statistics) is exact here, including second order, and faster
             return nn.functional.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+        if self.fused and x.dim() > 4:
+            # tasks [..., B, C, H, W] -> [B, tasks * C, H, W]: per-channel statistics of the fused
+            # kernel are then per task and channel, exactly the per-task batch statistics
+            lead, (b, c, h, w) = x.shape[:-4], x.shape[-4:]
+            t = math.prod(lead)
+            y = x.reshape(t, b, c, h, w).transpose(0, 1).reshape(b, t * c, h, w)
+            y = nn.functional.batch_norm(y, None, None, self.weight.repeat(t), self.bias.repeat(t), training=True,
+                                         eps=self.eps)
+            return y.reshape(b, t, c, h, w).transpose(0, 1).reshape(*lead, b, c, h, w)
         dims = (-4, -2, -1)  # batch, height, width of each task
         mean = x.mean(dims, keepdim=True)
         var = ((x - mean) ** 2).mean(dims, keepdim=True)

@@ -63,6 +63,29 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:1, got {self.device!r}") \
+                from None
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`~metalens.config.ConfigError` unless ``device`` exists on this machine."""
+    from metalens.config import ConfigError
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine "
+                              "(torch.cuda.is_available() is False); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type not in ("cpu", "mps", "xpu", "meta"):
+        raise ConfigError(f"device {device!r} is not supported; use cpu or cuda")
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,6 +140,7 @@ def train(
     """
     w = distributed.world()
     device = torch.device(distributed.local_device(config.device) if w.size > 1 else config.device)
+    check_device(str(device))
     tasks = distributed.shard(config.batch_tasks, w)
     learner.to(device)
     learner.train()

@@ -24,8 +24,21 @@ class Study(ABC):
     Config: ClassVar[type]
     registry_name: ClassVar[str]
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, *, device: str = "cpu") -> None:
         self.config = config
+        self.device = device  # where runs train (and, where a study says so, are scored)
+
+    def hardware(self) -> str:
+        """Where this invocation computed, for the report: ``cuda (NVIDIA H100 ...)`` or ``2 CPU thread(s)``."""
+        import torch
+
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            return f"{self.device} ({torch.cuda.get_device_name(torch.device(self.device))})"
+        return f"{torch.get_num_threads()} CPU thread(s)"
+
+    def device_flag(self) -> str:
+        """The ``--device`` part of the study's command line ('' for the default CPU)."""
+        return "" if self.device == "cpu" else f" --device {self.device}"
 
     @abstractmethod
     def run(self, out: Path, *, progress: bool | None = None, echo: Callable[[str], None] = print) -> Path:

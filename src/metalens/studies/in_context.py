@@ -80,7 +80,7 @@ def _train(out: Path, label: str, task: str, task_opts: dict[str, Any], learner:
          + (" (resuming)" if resume else ""))
     t0 = time.perf_counter()
     run.train(resume=resume, progress=progress)
-    return run.learner, time.perf_counter() - t0
+    return run.learner.to("cpu"), time.perf_counter() - t0  # scored on the CPU
 
 
 def _metric(m: Metric) -> dict[str, float]:
@@ -102,12 +102,12 @@ def _toml(v: Any) -> str:
     return repr(v)
 
 
-def _command(name: str, config: Any) -> str:
+def _command(name: str, config: Any, device_flag: str = "") -> str:
     """The command line that reproduces a study with ``config``."""
     defaults = type(config)()
     sets = " ".join(f"--set 'study.{f.name}={_toml(getattr(config, f.name))}'" for f in fields(config)
                     if getattr(config, f.name) != getattr(defaults, f.name))
-    return f"metalens study {name} --out OUT" + (f" {sets}" if sets else "")
+    return f"metalens study {name}{device_flag} --out OUT" + (f" {sets}" if sets else "")
 
 
 def _per_task_sq_error(mean: Tensor, episode: Episode) -> np.ndarray:
@@ -241,7 +241,7 @@ class ICLLinear(Study):
             task_opts = {"dim": d, "shots": 3 * d, "queries": 1, "noise_std": c.noise_std}
             learner_opts = {"mode": "sequence", "dim": c.width, "layers": c.layers, "heads": c.heads}
             train_opts = {"steps": c.steps, "batch_tasks": c.batch_tasks, "lr": c.lr, "grad_clip": c.grad_clip,
-                          "seed": c.seed}
+                          "seed": c.seed, "device": self.device}
             model, seconds = _train(out, f"transformer-d{d}", "linear", task_opts, "transformer", learner_opts,
                                     train_opts, progress, echo)
             timings[f"d{d}_train_seconds"] = round(seconds, 1)
@@ -311,8 +311,8 @@ class ICLLinear(Study):
         return _save(fig, path)
 
     def _notes(self, c: Config, curves: dict[str, Any], at_2d: dict[str, Any], seconds: float) -> str:
-        md = [f"Command: `{_command('icl-linear', self.config)}` (ran in {seconds / 60:.1f} min on "
-              f"{torch.get_num_threads()} thread(s)).", "",
+        md = [f"Command: `{_command('icl-linear', self.config, self.device_flag())}` (ran in {seconds / 60:.1f} min on "
+              f"{self.hardware()}).", "",
               f"Training, per d: a `transformer` (mode `sequence`, width {c.width}, {c.layers} blocks, {c.heads} heads, "
               f"loss mse) on `linear` (d inputs, w ~ N(0, I/d), noise sd {c.noise_std}) sequences of 3d + 1 points, "
               f"averaged over every position; {c.steps} steps of {c.batch_tasks} tasks, Adam lr {c.lr}, "
@@ -442,7 +442,7 @@ class ICLPhaseTransition(Study):
                 label = f"{c.learner}{width}-k{'inf' if k is None else k}"
                 family = make_task(c.task, **self.task_options(k))
                 train = {"steps": c.steps, "batch_tasks": c.batch_tasks, "lr": c.lr, "grad_clip": c.grad_clip,
-                         "seed": c.seed}
+                         "seed": c.seed, "device": self.device}
                 model, seconds = _train(out, label, c.task, self.task_options(k), c.learner,
                                         self.learner_options(width), train, progress, echo)
                 row: dict[str, Any] = {"width": width, "log2_tasks": k, "train_seconds": round(seconds, 1)}
@@ -514,8 +514,8 @@ class ICLPhaseTransition(Study):
         key = "accuracy" if classification else "mse"
         rule = ("unseen-task accuracy above chance (1/ways) by more than its 95% CI and by 5 points" if classification
                 else "unseen-task MSE below the zero predictor's by more than its 95% CI and by 10%")
-        md = [f"Command: `{_command('icl-phase-transition', self.config)}` (ran in {seconds / 60:.1f} min on "
-              f"{torch.get_num_threads()} thread(s)).", "",
+        md = [f"Command: `{_command('icl-phase-transition', self.config, self.device_flag())}` (ran in {seconds / 60:.1f} min on "
+              f"{self.hardware()}).", "",
               f"Every run: `{c.learner}` ({self._describe(c)}) on `{c.task}` with a pool of 2^k tasks (pool seed 0), "
               f"{c.steps} steps of {c.batch_tasks} tasks, Adam lr {c.lr}, grad clip {c.grad_clip}, seed {c.seed}. "
               f"Scored on {c.episodes} tasks of the pool with fresh examples (\"training tasks\") and {c.episodes} "
@@ -606,7 +606,7 @@ class ICLTransfer(Study):
         c = self.effective()
         out = Path(out)
         t_start = time.perf_counter()
-        train = {"steps": c.steps, "batch_tasks": c.batch_tasks, "lr": c.lr, "grad_clip": c.grad_clip, "seed": c.seed}
+        train = {"steps": c.steps, "batch_tasks": c.batch_tasks, "lr": c.lr, "grad_clip": c.grad_clip, "seed": c.seed, "device": self.device}
         learner_opts = {"mode": "sequence", "dim": c.width, "layers": c.layers, "heads": c.heads}
         model, seconds = _train(out, "transformer-random_mlp", "random_mlp", self.mlp_options(), "transformer",
                                 learner_opts, train, progress, echo)
@@ -650,8 +650,8 @@ class ICLTransfer(Study):
         return path
 
     def _notes(self, c: Config, rows: list[dict[str, Any]], train_seconds: float, seconds: float) -> str:
-        md = [f"Command: `{_command('icl-transfer', self.config)}` (ran in {seconds / 60:.1f} min on "
-              f"{torch.get_num_threads()} thread(s); training {train_seconds / 60:.1f} min).", "",
+        md = [f"Command: `{_command('icl-transfer', self.config, self.device_flag())}` (ran in {seconds / 60:.1f} min on "
+              f"{self.hardware()}; training {train_seconds / 60:.1f} min).", "",
               f"Training: `transformer` (mode `sequence`, width {c.width}, {c.layers} blocks, {c.heads} heads, loss mse) "
               f"on `random_mlp` only (1-D, x ~ U{list(c.x_range)}, depth {c.depth}, tanh, first-layer scale "
               f"{c.first_layer_scale}, output sd ~ U{list(c.output_std_range)}, noise sd {c.noise_std}), sequences of "

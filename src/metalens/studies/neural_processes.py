@@ -217,7 +217,7 @@ class NeuralProcesses(Study):
                echo: Callable[[str], None], train_opts: dict[str, Any] | None = None) -> tuple[Learner, float]:
         c = self.effective()
         train = {"batch_tasks": c.batch_tasks, "lr": c.lr, **(train_opts or {}),
-                 "steps": steps, "seed": c.seed, "log_every": 50, "checkpoint_every": 2000}
+                 "steps": steps, "seed": c.seed, "log_every": 50, "checkpoint_every": 2000, "device": self.device}
         cfg = RunConfig.resolve(task, model, task_opts, learner_opts, train)
         run_dir = out / "runs" / f"{model}-{label}"
         resume = (run_dir / "config.json").exists()
@@ -225,7 +225,7 @@ class NeuralProcesses(Study):
         echo(f"[study] {model} on {task}/{label}: training to step {steps}" + (" (resuming)" if resume else ""))
         t0 = time.perf_counter()
         run.train(resume=resume, progress=progress)
-        return run.learner, time.perf_counter() - t0
+        return run.learner.to("cpu"), time.perf_counter() - t0  # scored on the CPU, in float32 as trained
 
     def _curve(self, task_opts: dict[str, Any], runs: dict[str, Learner],
                echo: Callable[[str], None]) -> dict[str, list[list[float]]]:
@@ -287,8 +287,8 @@ class NeuralProcesses(Study):
         defaults = type(self.config)()
         sets = " ".join(f"--set 'study.{f.name}={_toml(getattr(self.config, f.name))}'" for f in fields(self.config)
                         if getattr(self.config, f.name) != getattr(defaults, f.name))
-        md = [f"Command: `metalens study neural-processes --out OUT{(' ' + sets) if sets else ''}` "
-              f"(this invocation: {seconds / 60:.1f} min on {torch.get_num_threads()} thread(s); "
+        md = [f"Command: `metalens study neural-processes{self.device_flag()} --out OUT{(' ' + sets) if sets else ''}` "
+              f"(this invocation: {seconds / 60:.1f} min on {self.hardware()}; "
               "finished runs found in `OUT/runs` are reused, not trained again).", "",
               "Training: " + ", ".join(f"{m} {c.steps_for(m)}" for m in c.models) + " steps per kernel, "
               f"{c.batch_tasks} tasks per step, Adam lr {c.lr}, "

@@ -159,7 +159,7 @@ class OmniglotStudy(Study):
                         t0 = time.perf_counter()
                         run = load_run(run_dir, task_options={"ways": ways, "queries": c.test_queries})
                         ev = evaluate(run.learner, run.family, episodes=c.episodes, seed=c.eval_seed,
-                                      split="test", batch_tasks=_EVAL_BATCH, with_oracle=False,
+                                      split="test", batch_tasks=_EVAL_BATCH, with_oracle=False, device=self.device,
                                       progress=bool(progress))
                         setting = f"{ways}-way {shots}-shot"
                         ev.task = f"omniglot {setting}"
@@ -207,6 +207,7 @@ class OmniglotStudy(Study):
         task = {"root": c.root, "protocol": "small", "ways": ways, "shots": shots, "queries": c.train_queries}
         steps = c.steps_for(name)
         train = {"steps": steps, "batch_tasks": c.batch_tasks, "lr": c.lr, "seed": c.seed, "log_every": 10,
+                 "device": self.device,
                  "checkpoint_every": max(500, steps // 4)}
         cfg = RunConfig.resolve("omniglot", name, task, learner_options(name, ways, c.channels), train)
         run_dir = out / "runs" / f"{name}-{ways}w{shots}s"
@@ -239,7 +240,7 @@ class OmniglotStudy(Study):
             lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
         sets = [f"--set {shlex.quote(f'study.{k}={_toml(v)}')}" for k, v in to_dict(self.config).items()
                 if v != to_dict(type(self.config)())[k]]
-        cmd = "metalens study omniglot --out OUT" + "".join(f" {s}" for s in sets)
+        cmd = f"metalens study omniglot{self.device_flag()} --out OUT" + "".join(f" {s}" for s in sets)
         step_times = ", ".join(f"{k} {v['seconds_per_step']:.3f}s" for k, v in timings.items()
                                if v.get("seconds_per_step"))
         text = [
@@ -251,7 +252,7 @@ class OmniglotStudy(Study):
             "",
             *lines,
             "",
-            f"Command: `{cmd}` ({seconds / 60:.1f} minutes in all on this machine).",
+            f"Command: `{cmd}` ({seconds / 60:.1f} minutes in all on {self.hardware()}).",
             "",
             f"Budget: {_describe_steps(c)} per run, {c.batch_tasks} task(s) per step, Adam lr {c.lr}, "
             f"{c.train_queries} queries per class in training; protonet and matching train "
@@ -259,7 +260,7 @@ class OmniglotStudy(Study):
             f"Conv-4 with {c.channels} channels for the metric and gradient learners; `pretrain` and `scratch` "
             "are MLP baselines (256-128 hidden units) on the flattened pixels.",
             "",
-            f"Seconds per training step (one thread): {step_times or '–'}.",
+            f"Seconds per training step ({self.hardware()}): {step_times or '–'}.",
         ]
         if skipped:
             text += ["", "Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + "."]

@@ -82,6 +82,7 @@ class SinusoidGradient(Study):
             train: dict[str, Any] = dict(plan.train) if plan is not None else {}
             train["steps"] = max(1, math.ceil(BUDGETS.get(name, train.get("steps", 1)) * scale))
             train["seed"] = c.seed
+            train["device"] = self.device
             cfg = RunConfig.resolve("sinusoid", name, {"shots": c.train_shots},
                                     dict(plan.learner_options) if plan else {}, train)
             echo(f"[sinusoid] {name}: " + (f"training {cfg.train.steps} steps" if cls.trainable else "no training"))
