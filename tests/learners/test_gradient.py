@@ -14,7 +14,7 @@ import torch
 
 import metalens
 from metalens.episode import Episode, TaskSpec
-from metalens.learners.gradient import adapt, conjugate_gradient, head_names, sgd
+from metalens.learners.gradient import adapt, conjugate_gradient, head_names, sgd, solve_proximal, support_loss
 from metalens.nets import MLP
 from metalens.train import TrainConfig, train
 
@@ -247,8 +247,68 @@ def test_imaml_meta_gradient_matches_the_exact_implicit_gradient():
     print(f"seed={SEED} imaml={got.tolist()} exact={ref.tolist()}")
     torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
     assert metrics["loss"] == pytest.approx(q_loss, rel=1e-8)
+    assert metrics["inner_residual"] < 1e-8  # the inner problem is solved: the premise of the check
     # and it is not just the query gradient at phi (the implicit correction matters here)
     assert not torch.allclose(got, torch.zeros_like(got))
+
+
+def test_imaml_inner_residual_measures_how_far_the_inner_problem_is_from_solved():
+    fam = metalens.make_task("linear", dim=3, shots=8, queries=6)
+    ep = fam.episode(SEED, 2, 3).to(dtype=F64)
+    residual = {}
+    for steps in (0, 5, 50):
+        lrn = metalens.make_learner("imaml", fam, seed=SEED, hidden=[], lam=0.5, inner_lr=0.1,
+                                    inner_steps=steps, inner_solver="gd").double()
+        residual[steps] = lrn.meta_loss(ep)[1]["inner_residual"]
+    assert residual[0] == pytest.approx(1.0)  # no step taken: the residual is the gradient at theta
+    assert 1.0 > residual[5] > residual[50] > 0
+    # the same quantity computed by hand for one task after 5 steps of gradient descent
+    lrn = metalens.make_learner("imaml", fam, seed=SEED, hidden=[], lam=0.5, inner_lr=0.1, inner_steps=5,
+                                inner_solver="gd").double()
+    layer = lrn.net.layers[0]
+    w = torch.cat([layer.weight.detach().flatten(), layer.bias.detach()])
+    X = torch.cat([ep.support_x[0], torch.ones(8, 1, dtype=F64)], 1)
+    y = ep.support_y[0, :, 0]
+    grad = lambda v: 2 / 8 * X.T @ (X @ v - y)  # noqa: E731
+    phi = w.clone()
+    for _ in range(5):
+        phi = phi - 0.1 * (grad(phi) + 0.5 * (phi - w))
+    theta = {k: v.detach() for k, v in lrn.theta().items()}
+    adapted = lrn.adapt_tasks(theta, ep.support_x[:1], ep.support_y[:1], None, steps=5)
+    got = lrn.inner_residual(theta, {k: v[0] for k, v in adapted.items()}, ep.support_x[0], ep.support_y[0], None)
+    expected = (grad(phi) + 0.5 * (phi - w)).norm() / grad(w).norm()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+
+
+def test_solve_proximal_reaches_the_ridge_solution_and_never_raises_the_objective():
+    fam = metalens.make_task("linear", dim=3, shots=8, queries=6, noise_std=0.1)
+    ep = fam.episode(SEED, 3, 1).to(dtype=F64)
+    net = MLP((3,), 1, hidden=()).double()
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    X = torch.cat([ep.support_x[0], torch.ones(8, 1, dtype=F64)], 1)
+    y, lam = ep.support_y[0, :, 0], 0.3
+    w = torch.cat([theta["layers.0.weight"].flatten(), theta["layers.0.bias"]])
+    ridge = torch.linalg.solve(2 / 8 * X.T @ X + lam * torch.eye(4, dtype=F64), 2 / 8 * X.T @ y + lam * w)
+    # a first rate far too large for fixed steps (lr * (L + lam) >> 2): undone and halved, then BB rates
+    phi = solve_proximal(net, theta, ep.support_x[0], ep.support_y[0], lam=lam, steps=60, lr=5.0,
+                         classification=False)
+    got = torch.cat([phi["layers.0.weight"].flatten(), phi["layers.0.bias"]])
+    torch.testing.assert_close(got, ridge, rtol=1e-8, atol=1e-10)
+
+    # a network (non-convex): the inner objective never rises, whatever the first rate
+    fam = metalens.make_task("sinusoid", shots=10)
+    ep = fam.episode(SEED, 0, 1)
+    net = MLP((1,), 1, hidden=(40, 40))
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+
+    def objective(p):
+        d = sum(((p[k] - theta[k]) ** 2).sum() for k in p)
+        return float(support_loss(net, p, ep.support_x[0], ep.support_y[0], None, classification=False) + lam / 2 * d)
+
+    values = [objective(solve_proximal(net, theta, ep.support_x[0], ep.support_y[0], lam=lam, steps=n, lr=1.0,
+                                       classification=False)) for n in range(0, 16)]
+    assert all(b <= a for a, b in zip(values, values[1:])), values
+    assert values[-1] < 0.5 * values[0]
 
 
 def test_imaml_with_few_cg_steps_is_only_approximate():

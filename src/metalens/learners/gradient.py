@@ -59,7 +59,7 @@ from metalens.registry import LEARNERS
 
 __all__ = [
     "StepRule", "sgd", "per_parameter_sgd", "support_loss", "adapt", "map_tasks", "head_names",
-    "conjugate_gradient", "implicit_meta_gradient", "surrogate_loss",
+    "conjugate_gradient", "solve_proximal", "implicit_meta_gradient", "surrogate_loss",
     "GradientConfig", "GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "Reptile", "IMAML",
 ]
 
@@ -218,6 +218,10 @@ def _dot(a: Params, b: Params) -> Tensor:
     return sum((a[k] * b[k]).sum() for k in a)
 
 
+def _norm(a: Params) -> Tensor:
+    return torch.sqrt(_dot(a, a))
+
+
 def _safe_div(n: Tensor, d: Tensor) -> Tensor:
     """``n / d`` where ``d > 0``, else 0 (no Python branch, so it runs under vmap)."""
     ok = d > 0
@@ -298,6 +302,56 @@ def implicit_meta_gradient(
         return {k: (1.0 + damping) * v[k] + Hv[k] / lam for k in v}
 
     return conjugate_gradient(A, query_grad, steps=cg_steps)
+
+
+def solve_proximal(
+    net: nn.Module,
+    theta: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    support_mask: Tensor | None = None,
+    *,
+    lam: float,
+    steps: int,
+    lr: float,
+    classification: bool,
+) -> Params:
+    """iMAML's inner problem ``min_phi F(phi) = L_S(phi) + lam/2 ||phi - theta||^2`` for one task.
+
+    ``steps`` gradient steps from ``phi_0 = theta`` with Barzilai-Borwein step sizes
+    (Barzilai & Borwein 1988): the first rate is ``lr``, later ones ``<s, y> / <y, y>``
+    (``s`` the last step, ``y`` the change of the gradient along it: an inverse curvature),
+    capped at ``1 / lam`` and replaced by ``lr`` where the curvature met is not positive.
+    A step that does not lower ``F`` is undone and the rate halved, so ``F`` never rises.
+    Why not a fixed rate: it must stay below ``2 / (L + lam)`` for the largest curvature
+    ``L`` of any task, and meta-training keeps raising ``L`` (iMAML's objective rewards sharp
+    support losses, since ``lam``, not the rate, bounds the adaptation), until the inner
+    loop diverges. Vmappable (no data-dependent control flow); pass detached ``theta``:
+    iMAML needs no graph of these steps.
+    """
+
+    def grad_and_objective(p: Params) -> tuple[Params, Tensor]:
+        g, loss = grad_and_value(lambda q: support_loss(net, q, support_x, support_y, support_mask,
+                                                        classification=classification))(p)
+        d = {k: p[k] - theta[k] for k in p}
+        return {k: g[k] + lam * d[k] for k in p}, loss + 0.5 * lam * _dot(d, d)
+
+    phi = dict(theta)
+    g, f = grad_and_objective(phi)
+    first = torch.full_like(f, lr)
+    rate = first
+    for _ in range(steps):
+        new = {k: phi[k] - rate * g[k] for k in phi}
+        g_new, f_new = grad_and_objective(new)
+        s, y = {k: new[k] - phi[k] for k in phi}, {k: g_new[k] - g[k] for k in g}
+        sy, yy = _dot(s, y), _dot(y, y)
+        bb = torch.where(sy > 0, sy / yy.clamp_min(torch.finfo(yy.dtype).tiny), first).clamp(max=1.0 / lam)
+        ok = (f_new <= f) & torch.isfinite(f_new)
+        rate = torch.where(ok, bb, 0.5 * rate)
+        phi = {k: torch.where(ok, new[k], phi[k]) for k in phi}
+        g = {k: torch.where(ok, g_new[k], g[k]) for k in g}
+        f = torch.where(ok, f_new, f)
+    return phi
 
 
 def surrogate_loss(theta: Params, direction: Params) -> Tensor:
@@ -580,6 +634,8 @@ class IMAMLConfig(GradientConfig):
     lam: float = opt(1.0, "lambda: weight of the proximal term lambda/2 ||phi - theta||^2")
     cg_steps: int = opt(5, "conjugate-gradient iterations for (I + H/lambda)^-1 grad L_Q")
     cg_damping: float = opt(0.0, "damping d: solve ((1 + d) I + H/lambda) x = grad L_Q (keeps it positive definite)")
+    inner_solver: str = opt("bb", "inner steps: bb (Barzilai-Borwein rates from inner_lr, capped at 1/lam, never "
+                                  "raising the inner objective; see solve_proximal) or gd (fixed inner_lr)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -592,6 +648,8 @@ class IMAMLConfig(GradientConfig):
             raise ValueError(f"cg_steps must be >= 1, got {self.cg_steps}")
         if self.cg_damping < 0:
             raise ValueError(f"cg_damping must be >= 0, got {self.cg_damping}")
+        if self.inner_solver not in ("bb", "gd"):
+            raise ValueError(f"inner_solver must be 'bb' or 'gd', got {self.inner_solver!r}")
 
 
 @LEARNERS.register("imaml")
@@ -611,6 +669,19 @@ class IMAML(GradientLearner):
     @property
     def proximal(self) -> float:
         return self.config.lam
+
+    def adapt_tasks(self, theta: Params, support_x: Tensor, support_y: Tensor, support_mask: Tensor | None,
+                    *, steps: int) -> Params:
+        """The inner problem of every task, by :func:`solve_proximal` (``inner_solver = bb``) or :func:`adapt`."""
+        c = self.config
+        if c.inner_solver == "gd":
+            return super().adapt_tasks(theta, support_x, support_y, support_mask, steps=steps)
+
+        def one(sx: Tensor, sy: Tensor, sm: Tensor | None) -> Params:
+            return solve_proximal(self.net, theta, sx, sy, sm, lam=c.lam, steps=steps, lr=c.inner_lr,
+                                  classification=self.spec.is_classification)
+
+        return map_tasks(one, support_x, support_y, support_mask, batching=self.batching)
 
     def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Surrogate whose gradient is the implicit meta-gradient (Rajeswaran et al. 2019, alg. 1-2).
@@ -638,4 +709,22 @@ class IMAML(GradientLearner):
 
         g = map_tasks(one, phi, b, episode.support_x, episode.support_y, episode.support_mask,
                       batching=self.batching)
-        return surrogate_loss(theta, {k: v.sum(0) for k, v in g.items()}), {"loss": float(q)}
+        residual = map_tasks(lambda p, sx, sy, sm: self.inner_residual(theta0, p, sx, sy, sm), phi,
+                             episode.support_x, episode.support_y, episode.support_mask, batching=self.batching)
+        return surrogate_loss(theta, {k: v.sum(0) for k, v in g.items()}), {
+            "loss": float(q), "inner_residual": float(residual.median())}
+
+    def inner_residual(self, theta: Params, phi: Params, sx: Tensor, sy: Tensor, sm: Tensor | None) -> Tensor:
+        """How far ``phi`` is from solving one task's inner problem (the implicit gradient assumes it does).
+
+        ``||grad L_S(phi) + lam (phi - theta)|| / ||grad L_S(theta)||``: 0 at the solution, 1
+        where no step was taken. The trainer logs its median over the episode's tasks as
+        ``inner_residual``; where it stays large, take more (or smaller) inner steps, or a larger lam.
+        """
+        def g(p: Params) -> Params:
+            return grad(lambda q: support_loss(self.net, q, sx, sy, sm,
+                                               classification=self.spec.is_classification))(p)
+
+        g_phi, g_theta = g(phi), g(theta)
+        r = _norm({k: g_phi[k] + self.config.lam * (phi[k] - theta[k]) for k in phi})
+        return r / _norm(g_theta).clamp_min(1e-12)
