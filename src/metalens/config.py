@@ -35,7 +35,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "parse_set", "load_file", "field_docs", "opt", "SECTIONS"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "parse_set", "load_file", "field_docs", "opt", "check_min",
+           "check_positive", "SECTIONS"]
 
 T = TypeVar("T")
 
@@ -136,6 +137,28 @@ def opt(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def check_min(obj: Any, minimum: int, *names: str, why: str = "") -> None:
+    """For ``__post_init__``: raise ``ValueError`` at the first field ``names`` of ``obj`` below ``minimum``.
+
+    >>> from types import SimpleNamespace
+    >>> check_min(SimpleNamespace(steps=0), 1, "steps")
+    Traceback (most recent call last):
+    ValueError: steps must be >= 1, got 0
+    """
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= minimum:
+            raise ValueError(f"{name} must be >= {minimum}{' ' + why if why else ''}, got {value}")
+
+
+def check_positive(obj: Any, *names: str) -> None:
+    """For ``__post_init__``: raise ``ValueError`` at the first field ``names`` of ``obj`` that is not > 0."""
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def field_docs(cls: type) -> dict[str, tuple[Any, str]]:

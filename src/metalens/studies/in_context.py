@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalens.config import opt, to_dict
+from metalens.config import check_min, check_positive, opt, to_dict
 from metalens.episode import Episode
 from metalens.evaluate import Evaluation, Metric, evaluate, summarize
 from metalens.learners.base import Learner
@@ -211,15 +211,10 @@ class ICLLinear(Study):
                 raise ValueError(f"dims must be a non-empty list of dimensions >= 1, got {list(self.dims)}")
             if not self.noise_std >= 0:
                 raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-            if not self.ridge_lambda > 0:
-                raise ValueError(f"ridge_lambda must be > 0, got {self.ridge_lambda}")
-            for name in ("width", "layers", "heads", "steps", "batch_tasks", "queries"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-            if self.episodes < 2:
-                raise ValueError(f"episodes must be >= 2 for a confidence interval, got {self.episodes}")
-            if not self.lr > 0:
-                raise ValueError(f"lr must be > 0, got {self.lr}")
+            check_positive(self, "ridge_lambda")
+            check_min(self, 1, "width", "layers", "heads", "steps", "batch_tasks", "queries")
+            check_min(self, 2, "episodes", why="for a confidence interval")
+            check_positive(self, "lr")
 
     def effective(self) -> ICLLinear.Config:
         """The configuration actually run: ``quick`` shrinks every budget."""
@@ -401,13 +396,9 @@ class ICLPhaseTransition(Study):
                                  f"got {list(self.log2_tasks)}")
             if not self.model_dims or any(m < 1 for m in self.model_dims):
                 raise ValueError(f"model_dims must be a non-empty list of widths >= 1, got {list(self.model_dims)}")
-            for name in ("layers", "heads", "shots", "queries", "steps", "batch_tasks"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-            if self.episodes < 2:
-                raise ValueError(f"episodes must be >= 2 for a confidence interval, got {self.episodes}")
-            if not self.lr > 0:
-                raise ValueError(f"lr must be > 0, got {self.lr}")
+            check_min(self, 1, "layers", "heads", "shots", "queries", "steps", "batch_tasks")
+            check_min(self, 2, "episodes", why="for a confidence interval")
+            check_positive(self, "lr")
 
     def effective(self) -> ICLPhaseTransition.Config:
         c = self.config
@@ -579,15 +570,11 @@ class ICLTransfer(Study):
                 raise ValueError("first_layer_scale must be > 0 and noise_std >= 0")
             if self.sequence_length < 2:
                 raise ValueError(f"sequence_length must be >= 2, got {self.sequence_length}")
-            for name in ("depth", "width", "layers", "heads", "steps", "batch_tasks"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_min(self, 1, "depth", "width", "layers", "heads", "steps", "batch_tasks")
             if not self.sinusoid_shots or any(s < 1 or s >= self.sequence_length for s in self.sinusoid_shots):
                 raise ValueError(f"sinusoid_shots must be in [1, sequence_length), got {list(self.sinusoid_shots)}")
-            if self.episodes < 2:
-                raise ValueError(f"episodes must be >= 2 for a confidence interval, got {self.episodes}")
-            if not self.lr > 0:
-                raise ValueError(f"lr must be > 0, got {self.lr}")
+            check_min(self, 2, "episodes", why="for a confidence interval")
+            check_positive(self, "lr")
 
     def effective(self) -> ICLTransfer.Config:
         c = self.config

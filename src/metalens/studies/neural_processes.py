@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from metalens import rng
-from metalens.config import opt, to_dict
+from metalens.config import check_min, check_positive, opt, to_dict
 from metalens.episode import Episode
 from metalens.evaluate import Evaluation, Metric, evaluate, score, summarize
 from metalens.learners.base import Learner
@@ -111,14 +111,9 @@ class NeuralProcesses(Study):
             counts = self.steps.values() if isinstance(self.steps, dict) else [self.steps]
             if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
                 raise ValueError(f"steps must be integers >= 1, got {self.steps}")
-            for name in ("batch_tasks", "sinusoid_steps", "joint_samples", "figure_tasks"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-            for name in ("episodes", "curve_episodes"):
-                if getattr(self, name) < 2:
-                    raise ValueError(f"{name} must be >= 2 for a confidence interval, got {getattr(self, name)}")
-            if not self.lr > 0:
-                raise ValueError(f"lr must be > 0, got {self.lr}")
+            check_min(self, 1, "batch_tasks", "sinusoid_steps", "joint_samples", "figure_tasks")
+            check_min(self, 2, "episodes", "curve_episodes", why="for a confidence interval")
+            check_positive(self, "lr")
             if any(n < 0 for n in self.curve_contexts):
                 raise ValueError(f"curve_contexts must be >= 0, got {list(self.curve_contexts)}")
 

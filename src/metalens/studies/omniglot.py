@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from metalens.config import ConfigError, opt, to_dict
+from metalens.config import ConfigError, check_min, check_positive, opt, to_dict
 from metalens.episode import TaskSpec
 from metalens.evaluate import Evaluation, evaluate
 from metalens.registry import LEARNERS, STUDIES
@@ -100,9 +100,7 @@ class OmniglotStudy(Study):
                     raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {list(v)}")
             if any(w < 2 for w in self.ways) or self.train_ways < 2:
                 raise ValueError(f"ways and train_ways must be >= 2, got {list(self.ways)} and {self.train_ways}")
-            for name in ("train_queries", "test_queries", "batch_tasks", "channels"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_min(self, 1, "train_queries", "test_queries", "batch_tasks", "channels")
             if max(self.shots) + max(self.train_queries, self.test_queries) > 20:
                 raise ValueError(f"Omniglot has 20 images per character: shots + queries must be <= 20, got "
                                  f"{max(self.shots)} + {max(self.train_queries, self.test_queries)}")
@@ -113,10 +111,8 @@ class OmniglotStudy(Study):
                 unknown = sorted(set(self.steps) - set(self.learners))
                 if unknown:
                     raise ValueError(f"steps names {unknown[0]!r}, which is not in learners")
-            if self.episodes < 2:
-                raise ValueError(f"episodes must be >= 2 for a confidence interval, got {self.episodes}")
-            if not self.lr > 0:
-                raise ValueError(f"lr must be > 0, got {self.lr}")
+            check_min(self, 2, "episodes", why="for a confidence interval")
+            check_positive(self, "lr")
 
         def steps_for(self, name: str) -> int:
             if isinstance(self.steps, dict):
