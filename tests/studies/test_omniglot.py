@@ -47,6 +47,8 @@ def test_study_is_registered_and_checks_its_options():
     assert STUDIES["omniglot"].cls is OmniglotStudy
     c = from_dict(OmniglotStudy.Config, {"steps": {"protonet": 5}, "learners": ["protonet"]})
     assert c.steps_for("protonet") == 5 and c.learners == ("protonet",)
+    assert c.steps_for("maml") == 400  # left out of the table: its default
+    assert from_dict(OmniglotStudy.Config, {"learners": ["protonet"]}).steps_for("protonet") == 2500
     with pytest.raises(ConfigError, match="shots \\+ queries must be <= 20"):
         from_dict(OmniglotStudy.Config, {"shots": [5], "test_queries": 16})
     with pytest.raises(ConfigError, match="not in learners"):

@@ -59,8 +59,8 @@ __all__ = ["NeuralProcesses", "gp_joint_log_likelihood", "KERNEL_VARIANTS"]
 
 # Study kernel names -> gp family options (the random-length-scale range is a study option).
 KERNEL_VARIANTS = ("rbf", "matern52", "periodic", "rbf-random")
-# Steps per model on gp: about 20 minutes each on one (shared) CPU thread at batch_tasks 16, from the
-# measured 11.8 / 18.2 / 92.7 ms per step of cnp / lnp / anp.
+# Steps per model on gp, about 20 minutes each on one (shared) CPU thread at batch_tasks 16: chosen from
+# 11.8 / 18.2 / 92.7 ms per step of cnp / lnp / anp; the RBF runs in the README took 20.6 / 26.8 / 13.0 min.
 DEFAULT_STEPS = {"cnp": 100000, "lnp": 65000, "anp": 13000}
 _QUICK_LEARNER = {"hidden": 16, "latent_dim": 8, "heads": 2, "eval_samples": 4}
 _EVAL_BATCH = 50  # tasks per predict call when scoring (memory only; results do not depend on it)

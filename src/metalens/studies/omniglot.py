@@ -48,6 +48,9 @@ from metalens.studies import Study
 __all__ = ["OmniglotStudy", "learner_options"]
 
 DEFAULT_LEARNERS = ("protonet", "matching", "maml", "pretrain", "scratch")
+# Steps per run: each learner within about 30 minutes (training and scoring) on one quiet CPU thread,
+# from the per-step times of the runs in the README (maml's 20-way 5-shot runs take 2.4 s a step).
+DEFAULT_STEPS = {"protonet": 2500, "matching": 2500, "maml": 400, "pretrain": 2000}
 _EVAL_BATCH = 4  # tasks per predict call when scoring (memory only; results do not depend on it)
 
 
@@ -81,7 +84,8 @@ class OmniglotStudy(Study):
         train_queries: int = opt(5, "query images per class in meta-training tasks")
         test_queries: int = opt(15, "query images per class in held-out tasks (shots + queries <= 20)")
         steps: int | dict[str, int] = opt(
-            2000, "meta-training steps per run: one number for every learner, or a table {protonet = N, ...}")
+            dict(DEFAULT_STEPS), "meta-training steps per run: one number for every learner, or a table "
+            "{protonet = N, ...} (learners it leaves out keep their default; 2000 for those without one)")
         batch_tasks: int = opt(1, "tasks per meta-training step")
         lr: float = opt(1e-3, "Adam learning rate")
         channels: int = opt(64, "Conv-4 channels")
@@ -107,7 +111,7 @@ class OmniglotStudy(Study):
             counts = self.steps.values() if isinstance(self.steps, dict) else [self.steps]
             if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
                 raise ValueError(f"steps must be integers >= 1, got {self.steps}")
-            if isinstance(self.steps, dict):
+            if isinstance(self.steps, dict) and self.steps != DEFAULT_STEPS:
                 unknown = sorted(set(self.steps) - set(self.learners))
                 if unknown:
                     raise ValueError(f"steps names {unknown[0]!r}, which is not in learners")
@@ -116,7 +120,7 @@ class OmniglotStudy(Study):
 
         def steps_for(self, name: str) -> int:
             if isinstance(self.steps, dict):
-                return self.steps.get(name, 2000)
+                return self.steps.get(name, DEFAULT_STEPS.get(name, 2000))
             return self.steps
 
     def effective(self) -> OmniglotStudy.Config:
@@ -265,7 +269,7 @@ class OmniglotStudy(Study):
 
 def _describe_steps(c: OmniglotStudy.Config) -> str:
     if isinstance(c.steps, dict):
-        return ", ".join(f"{k} {v} steps" for k, v in c.steps.items())
+        return ", ".join(f"{k} {c.steps_for(k)} steps" for k in c.learners)
     return f"{c.steps} steps"
 
 
