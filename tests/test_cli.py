@@ -150,3 +150,22 @@ def test_python_dash_m_entry_point(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("metalens: error:") and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "metalens", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "metalens" in proc.stdout
+
+
+def test_study_help_options_print_values_that_set_accepts(capsys):
+    import re
+
+    from metalens.config import from_dict, parse_set
+    from metalens.registry import STUDIES
+
+    code, out, _ = run(capsys, "study", "omniglot", "--help-options")
+    assert code == 0
+    options = {}
+    for line in out.splitlines()[1:]:
+        item = re.match(r"\s*--set '([^']*)'  ", line).group(1)  # --set 'study.KEY=VALUE'  help
+        section, key, value = parse_set(item)
+        assert section == "study"
+        options[key] = value
+    config = from_dict(STUDIES["omniglot"].cls.Config, options)  # the defaults, read back as --set reads them
+    assert config == STUDIES["omniglot"].cls.Config()
+    assert options["steps"]["protonet"] == 2500

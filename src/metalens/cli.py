@@ -226,8 +226,8 @@ def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_s
               help="a study option, e.g. --set study.steps=500 (see `metalens study NAME --help-options`).")
 @click.option("--help-options", is_flag=True, help="list the study's options and exit.")
 @click.option("--device", default="cpu", show_default=True,
-              help="torch device the study's runs train on, e.g. cuda (the neural-processes and omniglot "
-                   "studies also score there; scores do not depend on it beyond rounding).")
+              help="torch device the study's runs train on, e.g. cuda (the omniglot study also scores "
+                   "there; the others score on the CPU).")
 @click.option("--quiet", is_flag=True, help="no progress bars.")
 @_threads_option
 def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_options: bool, device: str,
@@ -246,7 +246,9 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     if help_options:
         click.echo(f"{name}: {entry.summary}")
         for field, (default, help_) in field_docs(entry.cls.Config).items():
-            click.echo(f"  --set study.{field}={json.dumps(default)}  {help_}")
+            value = ("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in default.items()) + "}"
+                     if isinstance(default, dict) else json.dumps(default))  # as TOML, which --set reads
+            click.echo(f"  --set 'study.{field}={value}'  {help_}")
         return
     sec = _collect(None, sets)
     if sec["task"] or sec["learner"] or sec["train"]:
