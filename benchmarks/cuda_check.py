@@ -101,7 +101,7 @@ def main() -> int:
         family = metalens.make_task(task, **task_opts)
         cpu = metalens.make_learner(name, family, seed=0, **learner_opts)
         gpu = copy.deepcopy(cpu).to(args.device)
-        plan = argparse.Namespace(task=task if task != "omniglot" else "omniglot conv4")
+        label = "omniglot conv4" if task == "omniglot" else task
         ep = family.episode(0, 0, batch)
         if cpu.trainable:
             l_c, g_c = _loss_and_grad(cpu, ep, "cpu", 0)
@@ -123,7 +123,7 @@ def main() -> int:
         ms_c = _step_ms(cpu, family, batch, "cpu", args.steps) if cpu.trainable else float("nan")
         ms_g = _step_ms(gpu, family, batch, args.device, args.steps) if cpu.trainable else float("nan")
         note = " (z draws differ by device)" if stochastic else ""
-        print(f"| {name}{note} | {plan.task} | {loss_err:.1e} | {grad_err:.1e} | {metric} | {m_c:.4f} | {m_g:.4f} | "
+        print(f"| {name}{note} | {label} | {loss_err:.1e} | {grad_err:.1e} | {metric} | {m_c:.4f} | {m_g:.4f} | "
               f"{ms_c:.1f} | {ms_g:.1f} |", flush=True)
     print(f"largest relative error (deterministic learners): {worst:.2e} (tolerance {args.tol:g})")
     return 0 if worst <= args.tol else 1

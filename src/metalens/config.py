@@ -36,7 +36,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "parse_set", "load_file", "field_docs", "opt", "check_min",
-           "check_positive", "SECTIONS"]
+           "check_positive", "check_step_counts", "SECTIONS"]
 
 T = TypeVar("T")
 
@@ -159,6 +159,13 @@ def check_positive(obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_step_counts(steps: int | dict[str, int]) -> None:
+    """For study configs: ``steps`` is one count or a table ``{name: count}``, every count an integer >= 1."""
+    counts = steps.values() if isinstance(steps, dict) else [steps]
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
+        raise ValueError(f"steps must be integers >= 1, got {steps}")
 
 
 def field_docs(cls: type) -> dict[str, tuple[Any, str]]:

@@ -534,6 +534,7 @@ def test_short_training_lowers_held_out_mse(name):
     ("reptile", {"inner_steps": 0}, "Reptile needs inner_steps >= 1"),
     ("reptile", {"inner_data": "query"}, "inner_data must be"),
     ("imaml", {"lam": 100.0, "inner_lr": 0.05}, "inner_lr \\* lam must be < 2"),
+    ("imaml", {"inner_solver": "newton"}, "inner_solver must be .bb. or .gd."),
     ("maml", {"backbone": "conv4"}, "image inputs"),
 ])
 def test_config_errors_say_how_to_fix_them(name, opts, match):

@@ -58,7 +58,7 @@ from metalens.nets import ACTIVATIONS, MLP, Conv4
 from metalens.registry import LEARNERS
 
 __all__ = [
-    "StepRule", "sgd", "per_parameter_sgd", "support_loss", "adapt", "map_tasks", "head_names",
+    "StepRule", "sgd", "per_parameter_sgd", "support_loss", "support_grad", "adapt", "map_tasks", "head_names",
     "conjugate_gradient", "solve_proximal", "implicit_meta_gradient", "surrogate_loss",
     "GradientConfig", "GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "Reptile", "IMAML",
 ]
@@ -105,6 +105,12 @@ def support_loss(net: nn.Module, params: Params, x: Tensor, y: Tensor, mask: Ten
         return per_point.mean()
     m = mask.to(per_point.dtype)
     return (per_point * m).sum() / m.sum()
+
+
+def support_grad(net: nn.Module, params: Params, x: Tensor, y: Tensor, mask: Tensor | None, *,
+                 classification: bool) -> Params:
+    """``grad_params`` of :func:`support_loss` (``torch.func.grad``: no graph unless the caller builds one)."""
+    return grad(lambda p: support_loss(net, p, x, y, mask, classification=classification))(params)
 
 
 def adapt(
@@ -293,12 +299,9 @@ def implicit_meta_gradient(
     direction of non-positive curvature rather than blow up.
     """
 
-    def grad_support(p: Params) -> Params:
-        return grad(lambda q: support_loss(net, q, support_x, support_y, support_mask,
-                                           classification=classification))(p)
-
     def A(v: Params) -> Params:
-        Hv = grad(lambda p: _dot(grad_support(p), v))(phi)  # d/dphi <grad L_S(phi), v> = H v
+        Hv = grad(lambda p: _dot(support_grad(net, p, support_x, support_y, support_mask,
+                                              classification=classification), v))(phi)  # H v
         return {k: (1.0 + damping) * v[k] + Hv[k] / lam for k in v}
 
     return conjugate_gradient(A, query_grad, steps=cg_steps)
@@ -721,10 +724,8 @@ class IMAML(GradientLearner):
         where no step was taken. The trainer logs its median over the episode's tasks as
         ``inner_residual``; where it stays large, take more (or smaller) inner steps, or a larger lam.
         """
-        def g(p: Params) -> Params:
-            return grad(lambda q: support_loss(self.net, q, sx, sy, sm,
-                                               classification=self.spec.is_classification))(p)
-
-        g_phi, g_theta = g(phi), g(theta)
+        kind = self.spec.is_classification
+        g_phi = support_grad(self.net, phi, sx, sy, sm, classification=kind)
+        g_theta = support_grad(self.net, theta, sx, sy, sm, classification=kind)
         r = _norm({k: g_phi[k] + self.config.lam * (phi[k] - theta[k]) for k in phi})
         return r / _norm(g_theta).clamp_min(1e-12)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from metalens import rng
-from metalens.config import check_min, check_positive, opt, to_dict
+from metalens.config import check_min, check_positive, check_step_counts, opt, to_dict
 from metalens.episode import Episode
 from metalens.evaluate import Evaluation, Metric, evaluate, score, summarize
 from metalens.learners.base import Learner
@@ -108,9 +108,7 @@ class NeuralProcesses(Study):
                 unknown = sorted(set(self.steps) - {"cnp", "lnp", "anp"})
                 if unknown:
                     raise ValueError(f"steps names unknown model {unknown[0]!r}; use cnp, lnp or anp")
-            counts = self.steps.values() if isinstance(self.steps, dict) else [self.steps]
-            if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
-                raise ValueError(f"steps must be integers >= 1, got {self.steps}")
+            check_step_counts(self.steps)
             check_min(self, 1, "batch_tasks", "sinusoid_steps", "joint_samples", "figure_tasks")
             check_min(self, 2, "episodes", "curve_episodes", why="for a confidence interval")
             check_positive(self, "lr")

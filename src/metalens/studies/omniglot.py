@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from metalens.config import ConfigError, check_min, check_positive, opt, to_dict
+from metalens.config import ConfigError, check_min, check_positive, check_step_counts, opt, to_dict
 from metalens.episode import TaskSpec
 from metalens.evaluate import Evaluation, evaluate
 from metalens.registry import LEARNERS, STUDIES
@@ -108,9 +108,7 @@ class OmniglotStudy(Study):
             if max(self.shots) + max(self.train_queries, self.test_queries) > 20:
                 raise ValueError(f"Omniglot has 20 images per character: shots + queries must be <= 20, got "
                                  f"{max(self.shots)} + {max(self.train_queries, self.test_queries)}")
-            counts = self.steps.values() if isinstance(self.steps, dict) else [self.steps]
-            if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
-                raise ValueError(f"steps must be integers >= 1, got {self.steps}")
+            check_step_counts(self.steps)
             if isinstance(self.steps, dict) and self.steps != DEFAULT_STEPS:
                 unknown = sorted(set(self.steps) - set(self.learners))
                 if unknown:
