@@ -103,3 +103,20 @@ def test_spec_validation():
     with pytest.raises(ValueError, match="kind must be"):
         TaskSpec(kind="ranking", x_shape=(2,))
     assert TaskSpec(kind="regression", x_shape=(1, 28, 28)).x_dim == 784
+
+
+def test_global_class_ids_are_checked_sliced_and_kept_only_when_every_part_has_them():
+    ids = torch.tensor([[7, 2, 4], [0, 1, 5]])
+    e = Episode(**cls(), classes=ids)
+    assert torch.equal(e[1:].classes, ids[1:]) and torch.equal(Episode.cat([e[:1], e[1:]]).classes, ids)
+    assert Episode.cat([e, Episode(**cls())]).classes is None  # a part without ids: none for the whole
+    with pytest.raises(ValueError, match=r"classes must be \[tasks, num_classes\] = \[2, 3\], got \[2, 2\]"):
+        Episode(**cls(), classes=ids[:, :2])
+    with pytest.raises(TypeError, match="int64"):
+        Episode(**cls(), classes=ids.float())
+    with pytest.raises(ValueError, match="negative id"):
+        Episode(**cls(), classes=-ids)
+    with pytest.raises(ValueError, match="only go with a classification episode"):
+        Episode(**reg(), classes=ids)
+    with pytest.raises(ValueError, match="train_classes"):
+        TaskSpec(kind="regression", x_shape=(1,), train_classes=5)

@@ -11,6 +11,12 @@ number of context points) are padded to a common ``S`` / ``Q`` and carry boolean
 masks ``support_mask [T, S]`` / ``query_mask [T, Q]`` (``True`` = a real point).
 Padded points must never influence a prediction nor a metric.
 
+Classification episodes drawn from a family with a finite set of meta-training
+classes may also say which of them each task's local labels ``0..N-1`` stand for:
+``classes [T, N]`` (int64, in ``[0, spec.train_classes)``). Meta-learners ignore it;
+a baseline that pre-trains one classifier over all training classes (``pretrain``)
+needs it, since local labels are re-drawn in every task.
+
 Validation happens once, in the constructor, with errors that say what is wrong:
 
 >>> import torch
@@ -50,6 +56,9 @@ class TaskSpec:
     y_dim: int = 1  # regression output width (ignored for classification)
     num_classes: int | None = None  # N of an N-way family
     x_range: tuple[float, float] | None = None  # 1-D inputs: the range to plot over
+    # classification families with a finite meta-training split: how many classes it has (the
+    # global ids that ``Episode.classes`` uses); None when tasks carry no such ids
+    train_classes: int | None = None
     # The family's Bayes-optimal posterior predictive, with the signature of
     # ``Learner.predict``; None when it is not tractable.
     oracle: OracleFn | None = field(default=None, compare=False, repr=False)
@@ -61,6 +70,8 @@ class TaskSpec:
             raise ValueError(f"a classification spec needs num_classes >= 2, got {self.num_classes}")
         if self.kind == "regression" and self.y_dim < 1:
             raise ValueError(f"y_dim must be >= 1, got {self.y_dim}")
+        if self.train_classes is not None and (self.kind != "classification" or self.train_classes < 1):
+            raise ValueError(f"train_classes must be None or >= 1 for a classification spec, got {self.train_classes}")
 
     @property
     def is_classification(self) -> bool:
@@ -103,7 +114,8 @@ class Episode:
 
     ``num_classes`` is set for classification episodes (labels are int64 in
     ``[0, num_classes)`` and every class appears in every task's support set);
-    it is ``None`` for regression.
+    it is ``None`` for regression. ``classes [T, num_classes]`` (optional, int64):
+    the global meta-training class of each local label (see the module docstring).
     """
 
     support_x: Tensor
@@ -113,6 +125,7 @@ class Episode:
     support_mask: Tensor | None = None
     query_mask: Tensor | None = None
     num_classes: int | None = None
+    classes: Tensor | None = None
 
     def __post_init__(self) -> None:
         sx, sy, qx, qy = self.support_x, self.support_y, self.query_x, self.query_y
@@ -162,6 +175,17 @@ class Episode:
                 if bool(((y < 0) | (y >= N)).any()):
                     bad = y[(y < 0) | (y >= N)][0].item()
                     raise ValueError(f"{name} holds label {bad}, outside [0, {N}) for a {N}-way episode")
+        if self.classes is not None:
+            if self.num_classes is None:
+                raise ValueError("classes (global class ids) only go with a classification episode")
+            c = self.classes
+            if not isinstance(c, Tensor) or c.dtype != torch.int64:
+                raise TypeError(f"classes must hold int64 class ids, got {getattr(c, 'dtype', type(c).__name__)}")
+            if tuple(c.shape) != (T, self.num_classes):
+                raise ValueError(f"classes must be [tasks, num_classes] = [{T}, {self.num_classes}], "
+                                 f"got {list(c.shape)}")
+            if bool((c < 0).any()):
+                raise ValueError(f"classes holds a negative id ({int(c.min())})")
         _check_mask("support_mask", self.support_mask, (T, S))
         _check_mask("query_mask", self.query_mask, (T, Q))
         if self.num_classes is not None:
@@ -223,8 +247,8 @@ class Episode:
         out: dict[str, Tensor | None] = {}
         for k, v in first.tensors().items():
             parts = [e.tensors()[k] for e in episodes]
-            if v is None and all(p is None for p in parts):
-                out[k] = None
+            if all(p is None for p in parts) or (k == "classes" and any(p is None for p in parts)):
+                out[k] = None  # global class ids survive only if every part has them
                 continue
             if any(p is None for p in parts):  # mix of masked and unmasked: fill with all-True
                 n = (first.n_support if k == "support_mask" else first.n_query)

@@ -63,6 +63,11 @@ class MLP(nn.Module):
         lead = x.shape[: x.dim() - len(self.in_shape)]
         return self.layers(x.reshape(*lead, -1))
 
+    def embed(self, x: Tensor) -> Tensor:
+        """The last hidden layer's activations (everything but the output layer)."""
+        lead = x.shape[: x.dim() - len(self.in_shape)]
+        return self.layers[:-1](x.reshape(*lead, -1))
+
 
 class TaskBatchNorm2d(nn.Module):
     """Batch normalisation with statistics of the current batch only, written in primitive ops.
@@ -146,6 +151,11 @@ class Conv4(nn.Module):
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features > 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
+        z = self.embed(x)
+        return self.head(z) if self.head is not None else z
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The flattened embedding before the head: ``[..., B, C, H, W] -> [..., B, embedding_dim]``."""
         lead = x.shape[: x.dim() - 3]
         if len(lead) == 0:
             raise ValueError("Conv4 expects [..., batch, channels, height, width]")
@@ -156,8 +166,7 @@ class Conv4(nn.Module):
                 z = layer(z.view(*lead, *z.shape[-3:])).reshape(-1, *z.shape[-3:])
             else:
                 z = layer(z)
-        z = z.reshape(*lead, -1)
-        return self.head(z) if self.head is not None else z
+        return z.reshape(*lead, -1)
 
 
 @contextlib.contextmanager

@@ -163,6 +163,13 @@ def test_episodes_hold_distinct_images_of_one_class_per_label(tmp_path, rotation
                 turns_seen.add(r)
                 assert rotated or r == 0
             assert len(set(label_class.values())) == 3  # three different (class, rotation) classes
+            if split == "train":  # global ids: which of classes("train") each local label stands for
+                names = f.classes("train")
+                for y, (c, r) in label_class.items():
+                    assert names[int(ep.classes[t, y])] == c + (f"/rot{90 * r:03d}" if rotated else "")
+        if split != "train":
+            assert ep.classes is None  # held-out classes have no global ids
+    assert f.spec.train_classes == len(f.classes("train"))
     # rotations are classes of their own: every quarter turn turns up as a class
     assert turns_seen == ({0} if rotations == "none" else {0, 1, 2, 3})
 

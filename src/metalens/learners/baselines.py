@@ -14,14 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from metalens.config import opt
 from metalens.episode import Episode, TaskSpec
 from metalens.functional import fit_per_task, point_losses, task_apply
 from metalens.learners.base import Learner, TourPlan, masked_mean
-from metalens.nets import ACTIVATIONS, MLP
+from metalens.nets import ACTIVATIONS, MLP, Conv4
 from metalens.registry import LEARNERS
 
 __all__ = ["Oracle", "Scratch", "Pretrain"]
@@ -100,21 +100,46 @@ class Scratch(Learner):
 
 @LEARNERS.register("pretrain")
 class Pretrain(Learner):
-    """One network pre-trained on all tasks pooled, fine-tuned on each support set when predicting."""
+    """One network pre-trained on all tasks pooled, fine-tuned on each support set when predicting.
+
+    Regression, and classification families whose tasks carry no global class ids: the
+    network is trained on every point of every task pooled, then all of it is fine-tuned
+    on each support set (the pre-trained baseline of Finn et al. 2017).
+
+    Classification families with a finite meta-training split (``spec.train_classes``; the
+    image families): local labels are re-drawn in every task, so pooling them would teach
+    nothing. The network is instead a classifier over all ``train_classes`` training
+    classes, trained on the global ids the episodes carry (``Episode.classes``). At
+    prediction its head is dropped and a fresh N-way linear head, starting from zero, is
+    fitted to the support set's features for ``finetune_steps`` steps with the body frozen
+    (the "Baseline" of Chen et al. 2019, "A Closer Look at Few-shot Classification"). No
+    parameter then depends on N: a model trained 20-way is evaluated at any way.
+    """
 
     @dataclass(frozen=True)
     class Config:
-        hidden: tuple[int, ...] = opt((40, 40), "hidden layer widths of the MLP")
-        activation: str = opt("relu", "activation: relu, tanh, gelu or silu")
-        finetune_steps: int = opt(10, "SGD steps on each task's support set at prediction time (0: none)")
+        hidden: tuple[int, ...] = opt((40, 40), "mlp: hidden layer widths")
+        activation: str = opt("relu", "mlp: activation: relu, tanh, gelu or silu")
+        backbone: str = opt("mlp", "network: mlp (on the flattened input) or conv4 (image inputs; Conv-4 with a "
+                                   "linear head)")
+        channels: int = opt(64, "conv4: channels of every convolution")
+        finetune_steps: int = opt(10, "steps on each task's support set at prediction time (0: none; with "
+                                      "global classes the fresh head then stays at zero, i.e. chance)")
         finetune_lr: float = opt(0.01, "learning rate of the fine-tuning steps")
+        finetune_optimizer: str = opt("sgd", "optimiser of the fine-tuning steps: sgd or adam")
 
         def __post_init__(self) -> None:
             _check_net_options(self.hidden, self.activation)
+            if self.backbone not in ("mlp", "conv4"):
+                raise ValueError(f"backbone must be 'mlp' or 'conv4', got {self.backbone!r}")
+            if self.channels < 1:
+                raise ValueError(f"channels must be >= 1, got {self.channels}")
             if self.finetune_steps < 0:
                 raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
             if not self.finetune_lr > 0:
                 raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+            if self.finetune_optimizer not in ("adam", "sgd"):
+                raise ValueError(f"finetune_optimizer must be 'adam' or 'sgd', got {self.finetune_optimizer!r}")
 
     tour = TourPlan(task="sinusoid", train=_SINUSOID_TOUR_TRAIN)
     adaptation_steps_option = "finetune_steps"
@@ -122,17 +147,49 @@ class Pretrain(Learner):
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())
         c = self.config
-        self.net = MLP(spec.x_shape, self.out_features, c.hidden, c.activation)
+        self.global_classes = spec.is_classification and spec.train_classes is not None
+        out = spec.train_classes if self.global_classes else self.out_features
+        if c.backbone == "conv4":
+            if len(spec.x_shape) != 3:
+                raise ValueError(f"backbone 'conv4' needs image inputs [channels, height, width], got x_shape "
+                                 f"{spec.x_shape}; use backbone 'mlp'")
+            # the fused batch-norm kernel is exact outside vmap, which is where the global-class model runs
+            self.net: nn.Module = Conv4(spec.x_shape, out, channels=c.channels, fused_norm=self.global_classes)
+        else:
+            self.net = MLP(spec.x_shape, out, c.hidden, c.activation)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The network without its last linear layer: ``[T, P, *x] -> [T, P, D]``.
+
+        Conv-4 normalises each task with its own batch statistics, so the points of a task
+        are embedded together.
+        """
+        return self.net.embed(x)
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
                 support_mask: Tensor | None = None) -> Distribution:
         c = self.config
+        if self.global_classes:
+            return self._predict_new_head(support_x, support_y, query_x, support_mask)
         if c.finetune_steps == 0:
             return self.output_distribution(self.net(query_x))
         params = fit_per_task(self.net, dict(self.net.named_parameters()), support_x, support_y, support_mask,
-                              steps=c.finetune_steps, lr=c.finetune_lr, optimizer="sgd",
+                              steps=c.finetune_steps, lr=c.finetune_lr, optimizer=c.finetune_optimizer,
                               classification=self.spec.is_classification)
         return self.output_distribution(task_apply(self.net, params, query_x))
+
+    def _predict_new_head(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                          support_mask: Tensor | None) -> Distribution:
+        c = self.config
+        S, N = support_x.shape[1], self.spec.num_classes
+        with torch.no_grad():
+            z = self.features(torch.cat([support_x, query_x], 1))  # [T, S+Q, D]
+        z_s, z_q = z[:, :S], z[:, S:]
+        head = nn.Linear(z.shape[-1], N, device="meta")  # a shape only: fit_per_task supplies the parameters
+        zero = {"weight": z.new_zeros(N, z.shape[-1]), "bias": z.new_zeros(N)}
+        params = fit_per_task(head, zero, z_s, support_y, support_mask, steps=c.finetune_steps, lr=c.finetune_lr,
+                              optimizer=c.finetune_optimizer, classification=True)
+        return self.output_distribution(task_apply(head, params, z_q).detach())
 
     def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Pre-training: the plain loss of the one network on every point of every task, pooled."""
@@ -143,6 +200,14 @@ class Pretrain(Learner):
         if any(m is not None for m in masks):
             mask = torch.cat([m if m is not None else torch.ones(episode.n_tasks, n, dtype=torch.bool, device=x.device)
                               for m, n in zip(masks, (episode.n_support, episode.n_query))], 1)
+        if self.global_classes:
+            if episode.classes is None:
+                raise ValueError("pretrain on this family trains on global class ids, but the episode carries none "
+                                 "(Episode.classes); only meta-training episodes have them")
+            if int(episode.classes.max()) >= self.spec.train_classes:
+                raise ValueError(f"episode holds class id {int(episode.classes.max())}, outside the family's "
+                                 f"{self.spec.train_classes} training classes")
+            y = episode.classes.gather(1, y)  # local label -> global class
         per_point = point_losses(self.net(x), y, classification=self.spec.is_classification)  # [T, S+Q]
         loss = masked_mean(per_point, mask)
         return loss, {"loss": float(loss.detach())}

@@ -16,12 +16,16 @@ Learners and what they train on:
   evaluated at every way;
 - ``maml`` (Conv-4), when registered: one model per setting, Finn et al.'s inner loop
   (5-way: 1 step of 0.4, 3 at test; 20-way: 5 steps of 0.1);
-- ``pretrain`` and ``scratch``: MLP baselines on the flattened pixels (their networks are
-  MLPs), one per setting (their head has N outputs).
+- ``pretrain`` (Conv-4): a classifier over all 544 training classes, trained like the metric
+  learners (one model per shot count, on ``train_ways``-way tasks, which only set which
+  images a step sees); at test a fresh N-way linear head is fitted to the support features
+  (100 SGD steps of 0.1, body frozen; Chen et al. 2019's "Baseline");
+- ``scratch``: an MLP (256-128) on the flattened pixels fitted to each support set from a
+  fresh initialisation, one per setting (its head has N outputs).
 
 Learners that are not registered, or cannot be built with these options, are skipped
-with a note. Runs live in ``OUT/runs/<learner>-<ways>w<shots>s`` (metric learners:
-``<learner>-<train_ways>w<shots>s``); running the study again reuses finished runs and a
+with a note. Runs live in ``OUT/runs/<learner>-<ways>w<shots>s`` (protonet, matching,
+pretrain: ``<learner>-<train_ways>w<shots>s``); running the study again reuses finished runs and a
 larger ``steps`` continues them.
 """
 
@@ -51,6 +55,9 @@ DEFAULT_LEARNERS = ("protonet", "matching", "maml", "pretrain", "scratch")
 # Steps per run: each learner within about 30 minutes (training and scoring) on one quiet CPU thread,
 # from the per-step times of the runs in the README (maml's 20-way 5-shot runs take 2.4 s a step).
 DEFAULT_STEPS = {"protonet": 2500, "matching": 2500, "maml": 400, "pretrain": 2000}
+# the family's specs carry the number of training classes (global ids for pretrain); any number will do
+# to build a learner and see which of its parameters depend on N
+_SPEC_CLASSES = 10
 _EVAL_BATCH = 4  # tasks per predict call when scoring (memory only; results do not depend on it)
 
 
@@ -62,7 +69,9 @@ def learner_options(name: str, ways: int, channels: int) -> dict[str, Any]:
         inner = {"inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3} if ways <= 5 else \
             {"inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5}
         return {"backbone": "conv4", "channels": channels, **inner}
-    if name in ("pretrain", "scratch"):
+    if name == "pretrain":
+        return {"backbone": "conv4", "channels": channels, "finetune_steps": 100, "finetune_lr": 0.1}
+    if name == "scratch":
         return {"hidden": [256, 128]}
     return {}
 
@@ -79,8 +88,9 @@ class OmniglotStudy(Study):
                                                           "skipped with a note)")
         ways: tuple[int, ...] = opt((5, 20), "test ways (N)")
         shots: tuple[int, ...] = opt((1, 5), "shots (K), in training and test")
-        train_ways: int = opt(20, "ways of the meta-training tasks of protonet and matching (one model per shot "
-                                  "count, evaluated at every way); other learners train at the test way")
+        train_ways: int = opt(20, "ways of the meta-training tasks of the learners with no parameter that depends "
+                                  "on N (protonet, matching, pretrain: one model per shot count, evaluated at "
+                                  "every way); the others train at the test way")
         train_queries: int = opt(5, "query images per class in meta-training tasks")
         test_queries: int = opt(15, "query images per class in held-out tasks (shots + queries <= 20)")
         steps: int | dict[str, int] = opt(
@@ -182,7 +192,7 @@ class OmniglotStudy(Study):
         c = self.effective()
         if name not in LEARNERS:
             return "not registered"
-        spec = TaskSpec(kind="classification", x_shape=(1, 28, 28), num_classes=min(c.ways))
+        spec = TaskSpec(kind="classification", x_shape=(1, 28, 28), num_classes=min(c.ways), train_classes=_SPEC_CLASSES)
         try:
             make_learner(name, spec, **learner_options(name, min(c.ways), c.channels))
         except (ConfigError, ValueError, TypeError) as e:
@@ -194,7 +204,7 @@ class OmniglotStudy(Study):
         c = self.effective()
         shapes = []
         for n in (2, 3):
-            spec = TaskSpec(kind="classification", x_shape=(1, 28, 28), num_classes=n)
+            spec = TaskSpec(kind="classification", x_shape=(1, 28, 28), num_classes=n, train_classes=_SPEC_CLASSES)
             learner = make_learner(name, spec, **learner_options(name, c.train_ways, c.channels))
             shapes.append({k: tuple(v.shape) for k, v in learner.state_dict().items()})
         return shapes[0] == shapes[1]
@@ -253,10 +263,12 @@ class OmniglotStudy(Study):
             f"Command: `{cmd}` ({seconds / 60:.1f} minutes in all on {self.hardware()}).",
             "",
             f"Budget: {_describe_steps(c)} per run, {c.batch_tasks} task(s) per step, Adam lr {c.lr}, "
-            f"{c.train_queries} queries per class in training; protonet and matching train "
+            f"{c.train_queries} queries per class in training; protonet, matching and pretrain train "
             f"{c.train_ways}-way (one model per shot count, evaluated at every way), the others at the test way. "
-            f"Conv-4 with {c.channels} channels for the metric and gradient learners; `pretrain` and `scratch` "
-            "are MLP baselines (256-128 hidden units) on the flattened pixels.",
+            f"Conv-4 with {c.channels} channels for the metric and gradient learners; `pretrain` is a Conv-4 "
+            "classifier over the 544 training classes, trained like the metric learners, then a fresh N-way "
+            "linear head on its frozen features (100 SGD steps of 0.1 on each support set); `scratch` is an MLP "
+            "(256-128 hidden units) on the flattened pixels fitted to each support set.",
             "",
             f"Seconds per training step ({self.hardware()}): {step_times or '–'}.",
         ]

@@ -728,13 +728,16 @@ class ImageFolder(TaskFamily):
     @property
     def spec(self) -> TaskSpec:
         s = self._images.shape[-1]
-        return TaskSpec(kind="classification", x_shape=(1, s, s), num_classes=self.config.ways)
+        return TaskSpec(kind="classification", x_shape=(1, s, s), num_classes=self.config.ways,
+                        train_classes=len(self._split_base["train"]))
 
     def sample(self, n_tasks: int, *, generator: torch.Generator, split: Split = "train") -> Episode:
         """Draw ``n_tasks`` N-way K-shot tasks from the classes of ``split``.
 
         Returns ``support_x [T, N*K, 1, s, s]``, ``support_y [T, N*K]`` (int64),
         ``query_x [T, N*Q, 1, s, s]``, ``query_y [T, N*Q]``, each set in a random order.
+        Meta-training tasks also carry ``classes [T, N]``, the index in :meth:`classes`
+        of each local label's class (rotations count as classes).
         """
         if n_tasks < 1:
             raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
@@ -768,7 +771,7 @@ class ImageFolder(TaskFamily):
 
         sx, sy = shuffled(x[:, :, :K], K)
         qx, qy = shuffled(x[:, :, K:], Q)
-        return Episode(sx, sy, qx, qy, num_classes=N)
+        return Episode(sx, sy, qx, qy, num_classes=N, classes=pick if split == "train" else None)
 
 
 OMNIGLOT_PROTOCOLS: dict[str, dict[str, Any]] = {
