@@ -19,6 +19,8 @@ metalens           ``metalens.make_learner("maml", ...)``; ``loss, _ = learner.m
                    ``loss.backward()``; ``opt.step()`` (task batching: the learner's default)
 metalens-vmap,     the same learner with ``batching="vmap"`` / ``"loop"`` forced
 metalens-loop
+metalens-compiled  the same learner with its meta-loss under ``torch.compile`` (what
+                   ``train.compile = true`` does); the first iteration compiles it
 learn2learn        ``l2l.algorithms.MAML(model, lr, first_order=False)``; per task ``clone()``,
                    ``adapt()`` x steps, query loss ``.backward()``; grads scaled by ``1/T``
                    (examples/vision/maml_omniglot.py)
@@ -35,6 +37,8 @@ torchopt-vmap      TorchOpt's functorch example (examples/FuncTorch/maml_omniglo
 func-loop          plain ``torch.func``: ``functional_call`` + ``torch.func.grad`` per task in
                    a Python loop
 func-vmap          the same per-task function under ``torch.func.vmap``
+func-vmap-compiled the same, the loss function under ``torch.compile`` (what a user could
+                   write by hand; no peer's docs do this)
 =================  ==========================================================================
 
 The peers' Conv-4 uses ``nn.BatchNorm2d(64, track_running_stats=False)`` (batch
@@ -65,8 +69,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-IMPLS = ("metalens", "metalens-vmap", "metalens-loop", "learn2learn", "higher", "torchopt", "torchopt-vmap",
-         "func-loop", "func-vmap")
+IMPLS = ("metalens", "metalens-vmap", "metalens-loop", "metalens-compiled", "learn2learn", "higher", "torchopt",
+         "torchopt-vmap", "func-loop", "func-vmap", "func-vmap-compiled")
 HEAD = 17  # index of the Linear head in the peers' Conv-4 nn.Sequential
 
 
@@ -94,7 +98,7 @@ def loss_fn(config: str):
 # where forward_backward(episode) zeroes the grads, runs the meta-loss and its backward, and
 # returns the loss; the caller then steps Adam on the meta-parameters.
 # ------------------------------------------------------------------------------------------------
-def build_metalens(cfg, state, batching=None):
+def build_metalens(cfg, state, batching=None, compiled=False):
     import metalens
 
     if cfg["config"] == "A":
@@ -123,9 +127,11 @@ def build_metalens(cfg, state, batching=None):
         sx, sy, qx, qy = ep
         return metalens.Episode(sx, sy, qx, qy, num_classes=None if cfg["config"] == "A" else cfg["n_way"])
 
+    meta_loss = torch.compile(learner.meta_loss) if compiled else learner.meta_loss
+
     def forward_backward(ep):
         learner.zero_grad(set_to_none=True)
-        loss, _ = learner.meta_loss(ep)
+        loss, _ = meta_loss(ep)
         loss.backward()
         return loss
 
@@ -259,7 +265,7 @@ def build_torchopt_vmap(cfg, state):
     return dict(zip(names, params)), forward_backward, None, {"torchopt": torchopt.__version__}
 
 
-def build_func(cfg, state, vmapped: bool):
+def build_func(cfg, state, vmapped: bool, compiled: bool = False):
     from torch.func import functional_call, grad, vmap
 
     model = make_model(cfg["config"], cfg["n_way"])
@@ -278,6 +284,8 @@ def build_func(cfg, state, vmapped: bool):
         return lf(functional_call(model, p, (qx,)), qy)
 
     batched = vmap(task_loss, in_dims=(None, 0, 0, 0, 0))
+    if compiled:
+        batched = torch.compile(batched)
 
     def forward_backward(ep):
         for p in params.values():
@@ -308,6 +316,10 @@ def build(impl: str, cfg: dict, state: dict):
         return build_metalens(cfg, state)
     if impl in ("metalens-vmap", "metalens-loop"):
         return build_metalens(cfg, state, batching=impl.split("-")[1])
+    if impl == "metalens-compiled":
+        return build_metalens(cfg, state, compiled=True)
+    if impl == "func-vmap-compiled":
+        return build_func(cfg, state, vmapped=True, compiled=True)
     if impl == "learn2learn":
         return build_learn2learn(cfg, state)
     if impl == "higher":

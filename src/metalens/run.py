@@ -163,12 +163,13 @@ def _prepare_folder(config: RunConfig, path: Path, resume: bool) -> None:
     """Check that ``path`` may hold this run, and write its ``config.json``."""
     if resume:
         saved = _read_config(path)
-        if replace(saved.train, steps=config.train.steps, device=config.train.device) != config.train or (
+        if replace(saved.train, steps=config.train.steps, device=config.train.device,
+                   compile=config.train.compile) != config.train or (
                 saved.task, saved.learner, saved.task_options, saved.learner_options) != (
                 config.task, config.learner, config.task_options, config.learner_options):
             raise RunFolderError(
                 f"{path} holds a run with a different configuration; --resume continues it as it "
-                "was configured (only train.steps and train.device may change)")
+                "was configured (only train.steps, train.device and train.compile may change)")
     elif path.exists() and any(path.iterdir()):
         what = "holds a run" if (path / "config.json").exists() else "is not empty"
         hint = "pass --resume to continue it, or " if what == "holds a run" else ""

@@ -48,6 +48,9 @@ class TrainConfig:
     checkpoint_every: int = opt(500, "write a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = opt(2, "how many of the newest checkpoints to keep (0: all)")
     device: str = opt("cpu", "torch device to train on, e.g. cpu or cuda")
+    compile: bool = opt(False, "torch.compile the learner's meta-loss: the first step compiles it (seconds to "
+                               "minutes; on CPU a C++ compiler is needed), later steps run faster where many small "
+                               "operations dominate (MAML on sinusoid: about 2x)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_tasks", "log_every", "checkpoint_every"):
@@ -160,6 +163,8 @@ def train(
         if w.is_writer:
             _truncate_log(run_path / "log.jsonl", start)
     state = {"seed": config.seed, **(extra_state or {})}
+    # compiled lazily by the first step; the learner's parameters stay the module's own
+    meta_loss = torch.compile(learner.meta_loss) if config.compile and learner.trainable else learner.meta_loss
 
     def save(step: int, metrics: dict[str, float]) -> Path | None:
         if run_path is None or not w.is_writer:
@@ -191,7 +196,7 @@ def train(
             # the learner's own randomness: per rank when distributed (see README)
             gen = rng.generator(config.seed, rng.Stream.LEARNER, step, *((w.rank,) if w.size > 1 else ()),
                                 device=device)
-            loss, metrics = learner.meta_loss(episode, generator=gen)
+            loss, metrics = meta_loss(episode, generator=gen)
             optimizer.zero_grad(set_to_none=True)
             if w.size > 1:  # backward even if non-finite, so that every rank joins the all-reduce
                 loss.backward()

@@ -482,10 +482,10 @@ class GradientLearner(Learner):
         stops with :class:`~metalens.train.TrainingDiverged` (lower ``inner_lr`` then).
         """
         out = self.apply_tasks(phi, episode.query_x)  # [T, Q, out]
-        if not bool(torch.isfinite(out).all()):
-            return out.sum() * float("nan")
-        dist = self.output_distribution(out)
-        return query_loss(dist, episode.query_y, episode.query_mask, kind=self.spec.kind, mse=True)
+        loss = query_loss(self.output_distribution(out), episode.query_y, episode.query_mask, kind=self.spec.kind,
+                          mse=True)
+        # no Python branch on a tensor: torch.compile traces the whole meta-loss as one graph
+        return torch.where(torch.isfinite(out).all(), loss, torch.full_like(loss, float("nan")))
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
                 support_mask: Tensor | None = None) -> Distribution:
