@@ -316,3 +316,33 @@ def test_latent_meta_loss_is_the_negative_conditional_elbo(name):
     ref = total / ep.query_mask.sum()
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
     assert metrics["kl"] == pytest.approx(float(kl_sum.detach()) / 3, rel=1e-4) and metrics["kl"] > 0
+
+
+@pytest.mark.parametrize("name", ["lnp", "anp"])
+def test_ml_objective_is_the_log_of_the_prior_sample_estimate_of_the_joint(name):
+    """objective = ml: -sum_tasks log (1/L) sum_l prod_t p(y_t | z_l), z_l ~ q(z | C), per target, written out."""
+    seed, L = 13, 3
+    family, lrn = small(name, train_samples=L, objective="ml")
+    _make_z_matter(lrn)
+    ep = family.episode(seed, 0, 3)
+    loss, metrics = lrn.meta_loss(ep, generator=rng.generator(seed, rng.Stream.LEARNER, 0))
+    eps = torch.randn(3, L, lrn.config.latent_dim, generator=rng.generator(seed, rng.Stream.LEARNER, 0))
+    total = 0.0
+    for t in range(3):
+        sm, qm = ep.support_mask[t], ep.query_mask[t]
+        sx, sy = ep.support_x[t:t + 1, sm], ep.support_y[t:t + 1, sm]
+        qx, qy = ep.query_x[t:t + 1, qm], ep.query_y[t:t + 1, qm]
+        prior = lrn.latent(sx, sy, None)
+        r = lrn.deterministic_path(sx, sy, None, qx)
+        log_liks = []
+        for k in range(L):
+            z = (prior.loc + prior.scale * eps[t, k])[:, None].expand(-1, qx.shape[1], -1)
+            mean, scale = lrn.decoder(torch.cat([r, z, qx], -1))
+            log_liks.append(Normal(mean, scale).log_prob(qy).sum())
+        total = total - (torch.logsumexp(torch.stack(log_liks), 0) - math.log(L))
+    torch.testing.assert_close(loss, total / ep.query_mask.sum(), rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+    assert metrics == {"loss": pytest.approx(float(loss.detach()))}
+    loss.backward()  # and it trains every parameter of the latent path
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in lrn.latent.parameters())
+    with pytest.raises(ValueError, match="objective must be 'elbo' or 'ml'"):
+        small(name, objective="vi")

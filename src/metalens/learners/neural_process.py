@@ -32,7 +32,12 @@ the context-conditioned prior of Le et al.)::
 
 ``T`` is the query set (disjoint from the context). ``meta_loss`` returns the negative
 ELBO of the batch divided by its number of real target points; ``z`` is drawn (with
-the reparameterisation trick) from the trainer's ``generator`` only.
+the reparameterisation trick) from the trainer's ``generator`` only. ``objective = "ml"``
+trains instead on NP-ML (Foong et al. 2020, "Meta-Learning Stationary Stochastic Process
+Prediction with Convolutional Neural Processes"): ``log (1/L) sum_l p(y_T | x_T, r, z_l)``
+with ``z_l ~ q(z | C)`` (``L = train_samples``), a biased but consistent estimate of the
+predictive log-likelihood the models are scored on; the decoder then never sees a z drawn
+from q(z | C u T), which is never available at prediction.
 
 **Evaluation of the latent models**: ``predict`` returns the per-point marginal
 predictive ``p(y_t | x_t, C) = E_{z ~ q(z | C)} p(y_t | x_t, r_t, z)`` as an equal-weight
@@ -241,7 +246,10 @@ class LNPConfig(CNPConfig):
     """Options of the latent Neural Process."""
 
     latent_dim: int = opt(128, "dimension of the global latent z")
-    train_samples: int = opt(1, "z samples per task in the ELBO's reconstruction term (training)")
+    objective: str = opt("elbo", "training objective: elbo (conditional ELBO, the papers') or ml (NP-ML, Foong et "
+                                 "al. 2020: log of a train_samples-sample estimate of p(y_T | x_T, C) with z ~ q(z | C))")
+    train_samples: int = opt(1, "z samples per task in training (the ELBO's reconstruction term; ml: its estimate, "
+                                "16 or more)")
     eval_samples: int = opt(32, "K: z samples ~ q(z | context) in the predictive mixture (evaluation)")
     eval_seed: int = opt(0, "seed of the evaluation-time z samples (stream EVAL_LEARNER)")
 
@@ -252,6 +260,8 @@ class LNPConfig(CNPConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_seed < 0:
             raise ValueError(f"eval_seed must be >= 0, got {self.eval_seed}")
+        if self.objective not in ("elbo", "ml"):
+            raise ValueError(f"objective must be 'elbo' or 'ml', got {self.objective!r}")
 
 
 @dataclass(frozen=True)
@@ -364,13 +374,14 @@ class LatentNeuralProcess(CNP):
         mix = Categorical(logits=torch.zeros_like(mean))
         return MixtureSameFamily(mix, Normal(mean, scale))
 
-    def _posterior_terms(self, episode: Episode, samples: int, generator: torch.Generator
-                         ) -> tuple[Normal, Normal, Tensor, Tensor, Tensor]:
+    def _posterior_terms(self, episode: Episode, samples: int, generator: torch.Generator, *,
+                         from_prior: bool = False) -> tuple[Normal, Normal | None, Tensor, Tensor, Tensor]:
         """What the ELBO and the joint estimate share, with ``z_k ~ q(z | C u T)`` (reparameterised).
 
         Returns ``q(z | C)``, ``q(z | C u T)`` (``batch_shape [T, dz]``), the samples
         ``z [T, K, dz]``, ``log p(y_t | x_t, r_t, z_k) [T, K, Q]`` (summed over y dims)
-        and the target mask ``[T, Q]``.
+        and the target mask ``[T, Q]``. ``from_prior``: ``z_k ~ q(z | C)`` instead, and no
+        posterior (None).
         """
         T, Q = episode.n_tasks, episode.n_query
         device = episode.query_x.device
@@ -381,20 +392,29 @@ class LatentNeuralProcess(CNP):
         sx, sy = _context(episode.support_x, episode.support_y, s_mask)
         qx, qy = _context(episode.query_x, episode.query_y, q_mask)
         prior = self.latent(sx, sy, s_mask)  # q(z | C)
-        posterior = self.latent(torch.cat([sx, qx], 1), torch.cat([sy, qy], 1), torch.cat([c_mask, q_mask], 1))
+        posterior = None if from_prior else self.latent(torch.cat([sx, qx], 1), torch.cat([sy, qy], 1),
+                                                        torch.cat([c_mask, q_mask], 1))
+        proposal = prior if posterior is None else posterior
         eps = torch.randn(T, samples, self.config.latent_dim, generator=generator, device=device, dtype=sx.dtype)
-        z = posterior.loc[:, None] + posterior.scale[:, None] * eps  # [T, K, dz]
+        z = proposal.loc[:, None] + proposal.scale[:, None] * eps  # [T, K, dz]
         mean, scale = self._decode(self.deterministic_path(sx, sy, s_mask, qx), z, qx)  # [T, K, Q, dy]
         log_p = Normal(mean, scale).log_prob(qy[:, None]).sum(-1)  # [T, K, Q]
         return prior, posterior, z, log_p, q_mask
 
     def meta_loss(self, episode: Episode, *,
                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Negative conditional ELBO (module docstring) per real target point of the batch."""
+        """Negative conditional ELBO (module docstring) per real target point of the batch; ``objective =
+        ml``: minus the log of the ``train_samples``-sample estimate of ``p(y_T | x_T, C)``, per target."""
         if generator is None:
             raise ValueError(f"{self.registry_name}.meta_loss samples z: pass generator= (the trainer derives "
                              "one from (seed, step))")
-        prior, posterior, _, log_p, q_mask = self._posterior_terms(episode, self.config.train_samples, generator)
+        K = self.config.train_samples
+        if self.config.objective == "ml":
+            _, _, _, log_p, q_mask = self._posterior_terms(episode, K, generator, from_prior=True)
+            log_lik = torch.where(q_mask[:, None], log_p, 0.0).sum(-1)  # [T, K]
+            loss = -(torch.logsumexp(log_lik, 1) - math.log(K)).sum() / q_mask.sum()
+            return loss, {"loss": float(loss.detach())}
+        prior, posterior, _, log_p, q_mask = self._posterior_terms(episode, K, generator)
         nll = -torch.where(q_mask, log_p.mean(1), 0.0).sum()  # mean over the z samples, sum over real targets
         kl = kl_divergence(posterior, prior).sum(-1)  # [T]
         n_targets = q_mask.sum()

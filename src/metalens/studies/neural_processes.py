@@ -81,6 +81,9 @@ class NeuralProcesses(Study):
         steps: int | dict[str, int] = opt(
             dict(DEFAULT_STEPS), "meta-training steps per kernel: one number for every model, or a table "
             "{cnp = N, lnp = N, anp = N} (models it leaves out keep their default)")
+        objective: str = opt("elbo", "training objective of lnp and anp: elbo (the papers') or ml (NP-ML, Foong et "
+                                     "al. 2020); their ml runs live apart, in OUT/runs/<model>-ml-<kernel>")
+        ml_samples: int = opt(8, "objective = ml: z samples per task in each training step")
         batch_tasks: int = opt(16, "tasks per meta-training step")
         lr: float = opt(5e-4, "Adam learning rate")
         seed: int = opt(0, "training seed of every run (episodes, initial weights, z samples)")
@@ -109,7 +112,9 @@ class NeuralProcesses(Study):
                 if unknown:
                     raise ValueError(f"steps names unknown model {unknown[0]!r}; use cnp, lnp or anp")
             check_step_counts(self.steps)
-            check_min(self, 1, "batch_tasks", "sinusoid_steps", "joint_samples", "figure_tasks")
+            if self.objective not in ("elbo", "ml"):
+                raise ValueError(f"objective must be 'elbo' or 'ml', got {self.objective!r}")
+            check_min(self, 1, "batch_tasks", "sinusoid_steps", "joint_samples", "figure_tasks", "ml_samples")
             check_min(self, 2, "episodes", "curve_episodes", why="for a confidence interval")
             check_positive(self, "lr")
             if any(n < 0 for n in self.curve_contexts):
@@ -148,9 +153,9 @@ class NeuralProcesses(Study):
             runs: dict[str, Learner] = {}
             per_task_ll: dict[str, np.ndarray] = {}
             for model in c.models:
-                opts = {k: v for k, v in learner_opts.items() if k in _option_names(model)}
-                learner, seconds = self._train(out, model, kernel, "gp", task_opts, opts, c.steps_for(model),
-                                               progress, echo)
+                opts = self._learner_options(model, learner_opts)
+                learner, seconds = self._train(out, model, self._label(model, kernel), "gp", task_opts, opts,
+                                               c.steps_for(model), progress, echo)
                 runs[model] = learner
                 timings[f"{model}-{kernel}"] = {"train_seconds": round(seconds, 1)}
             family = GP(GP.Config(**task_opts))
@@ -199,6 +204,18 @@ class NeuralProcesses(Study):
         echo(f"[study] report: {path}")
         return path
 
+    def _learner_options(self, model: str, base: dict[str, Any]) -> dict[str, Any]:
+        """The study's options of ``model``: ``base`` (where it has them) and the latent models' objective."""
+        c = self.effective()
+        opts = {k: v for k, v in base.items() if k in _option_names(model)}
+        if c.objective == "ml" and "objective" in _option_names(model):
+            opts.update(objective="ml", train_samples=c.ml_samples)
+        return opts
+
+    def _label(self, model: str, task: str) -> str:
+        """The run folder's suffix: ``<task>``, or ``ml-<task>`` for a latent model trained on NP-ML."""
+        return f"ml-{task}" if self.effective().objective == "ml" and "objective" in _option_names(model) else task
+
     def task_options(self, kernel: str) -> dict[str, Any]:
         """``gp`` options of a study kernel (the family's defaults are the ConvCNP protocol)."""
         if kernel == "rbf-random":
@@ -241,9 +258,9 @@ class NeuralProcesses(Study):
         c = self.effective()
         learners: dict[str, Learner] = {}
         for model in c.models:
-            opts = {k: v for k, v in learner_opts.items() if k in _option_names(model)}
-            learners[model], seconds = self._train(out, model, "sinusoid", "sinusoid", {}, opts, c.sinusoid_steps,
-                                                   progress, echo)
+            opts = self._learner_options(model, learner_opts)
+            learners[model], seconds = self._train(out, model, self._label(model, "sinusoid"), "sinusoid", {}, opts,
+                                                   c.sinusoid_steps, progress, echo)
             timings[f"{model}-sinusoid"] = {"train_seconds": round(seconds, 1)}
         if "maml" in LEARNERS:
             plan = LEARNERS["maml"].cls.tour
@@ -284,6 +301,8 @@ class NeuralProcesses(Study):
               f"(this invocation: {seconds / 60:.1f} min on {self.hardware()}; "
               "finished runs found in `OUT/runs` are reused, not trained again).", "",
               "Training: " + ", ".join(f"{m} {c.steps_for(m)}" for m in c.models) + " steps per kernel, "
+              + ("latent models on the conditional ELBO, " if c.objective == "elbo" else
+                 f"latent models on NP-ML ({c.ml_samples} z samples per task), ") +
               f"{c.batch_tasks} tasks per step, Adam lr {c.lr}, "
               "seed " f"{c.seed}; `gp` family defaults (ConvCNP protocol: x ~ U[-2, 2], contexts U{{3..50}}, "
               f"targets U{{3..50}}, length scale 0.25, noise sd 0.05); rbf-random: rbf with a log-uniform "
