@@ -235,6 +235,7 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     """Run one of the literature's experiments (NAME) and write its report; no NAME lists them."""
     from metalens.config import ConfigError, field_docs, from_dict
     from metalens.registry import STUDIES
+    from metalens.studies import toml_value
     from metalens.train import check_device
 
     if name is None:
@@ -246,9 +247,7 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     if help_options:
         click.echo(f"{name}: {entry.summary}")
         for field, (default, help_) in field_docs(entry.cls.Config).items():
-            value = ("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in default.items()) + "}"
-                     if isinstance(default, dict) else json.dumps(default))  # as TOML, which --set reads
-            click.echo(f"  --set 'study.{field}={value}'  {help_}")
+            click.echo(f"  --set 'study.{field}={toml_value(default)}'  {help_}")
         return
     sec = _collect(None, sets)
     if sec["task"] or sec["learner"] or sec["train"]:

@@ -43,7 +43,7 @@ def test_quick_study_from_the_cli_writes_its_report_and_reuses_its_runs(capsys, 
     for fig in report["figures"]:
         assert (out / fig).stat().st_size > 0
     md = (out / "report.md").read_text()
-    assert "--set 'study.quick=true'" in md and "| rbf-random | `anp` |" in md
+    assert "--out OUT --set 'study.kernels=[\"rbf\", \"rbf-random\"]' --set 'study.quick=true'" in md and "| rbf-random | `anp` |" in md
     assert sorted(p.name for p in (out / "runs").iterdir())[:3] == ["anp-rbf", "anp-rbf-random", "anp-sinusoid"]
     # a second run reuses the finished runs (and refuses nothing)
     capsys.readouterr()

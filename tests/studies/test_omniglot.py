@@ -37,7 +37,9 @@ def test_quick_study_from_the_cli_writes_its_report(capsys, tmp_path):
     for fig in report["figures"]:
         assert (out / fig).stat().st_size > 1000
     md = (out / "report.md").read_text()
-    assert "| `protonet` |" in md and "--set study.quick=true" in md
+    assert "| `protonet` |" in md
+    assert (f"`metalens study omniglot --out OUT --set 'study.learners=[\"protonet\", \"nope\"]' --set "
+            f"'study.shots=[1]' --set 'study.root={json.dumps(str(DATA))}' --set 'study.quick=true'`") in md
     capsys.readouterr()
     assert main(argv) == 0  # a second run reuses the finished run
     assert "(resuming)" in capsys.readouterr().out

@@ -8,14 +8,33 @@ returns the Markdown path. ``metalens study NAME --out DIR`` runs one.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from metalens.registry import STUDIES
 
-__all__ = ["Study", "STUDIES"]
+__all__ = ["Study", "STUDIES", "toml_value"]
+
+
+def toml_value(v: Any) -> str:
+    """``v`` as the TOML that ``--set study.KEY=...`` reads (tables inline).
+
+    >>> toml_value({"cnp": 100, "lnp": 65}), toml_value(("rbf", "matern52")), toml_value(False)
+    ('{cnp = 100, lnp = 65}', '["rbf", "matern52"]', 'false')
+    """
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
 
 
 class Study(ABC):
@@ -39,6 +58,17 @@ class Study(ABC):
     def device_flag(self) -> str:
         """The ``--device`` part of the study's command line ('' for the default CPU)."""
         return "" if self.device == "cpu" else f" --device {self.device}"
+
+    def command(self) -> str:
+        """The command line that reproduces this study: its non-default options as ``--set``."""
+        defaults = type(self.config)()
+        sets = []
+        for f in fields(self.config):
+            value = getattr(self.config, f.name)
+            if value != getattr(defaults, f.name):
+                arg = f"study.{f.name}={toml_value(value)}".replace("'", "'\\''")  # one single-quoted word
+                sets.append(f" --set '{arg}'")
+        return f"metalens study {self.registry_name}{self.device_flag()} --out OUT" + "".join(sets)
 
     @abstractmethod
     def run(self, out: Path, *, progress: bool | None = None, echo: Callable[[str], None] = print) -> Path:

@@ -91,25 +91,6 @@ def _fmt(m: dict[str, float] | None, digits: int = 4) -> str:
     return "–" if m is None else f"{m['mean']:.{digits}f} ± {m['ci95']:.{digits}f}"
 
 
-def _toml(v: Any) -> str:
-    """``v`` as a ``--set`` value."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (tuple, list)):
-        return "[" + ",".join(f'"{x}"' if isinstance(x, str) else _toml(x) for x in v) + "]"
-    return repr(v)
-
-
-def _command(name: str, config: Any, device_flag: str = "") -> str:
-    """The command line that reproduces a study with ``config``."""
-    defaults = type(config)()
-    sets = " ".join(f"--set 'study.{f.name}={_toml(getattr(config, f.name))}'" for f in fields(config)
-                    if getattr(config, f.name) != getattr(defaults, f.name))
-    return f"metalens study {name}{device_flag} --out OUT" + (f" {sets}" if sets else "")
-
-
 def _per_task_sq_error(mean: Tensor, episode: Episode) -> np.ndarray:
     """Squared error of a point prediction ``[T, Q, dy]``, averaged over each task's real queries -> ``[T]``."""
     se = ((mean.double() - episode.query_y.double()) ** 2).mean(-1)  # [T, Q]
@@ -306,7 +287,7 @@ class ICLLinear(Study):
         return _save(fig, path)
 
     def _notes(self, c: Config, curves: dict[str, Any], at_2d: dict[str, Any], seconds: float) -> str:
-        md = [f"Command: `{_command('icl-linear', self.config, self.device_flag())}` (ran in {seconds / 60:.1f} min on "
+        md = [f"Command: `{self.command()}` (ran in {seconds / 60:.1f} min on "
               f"{self.hardware()}).", "",
               f"Training, per d: a `transformer` (mode `sequence`, width {c.width}, {c.layers} blocks, {c.heads} heads, "
               f"loss mse) on `linear` (d inputs, w ~ N(0, I/d), noise sd {c.noise_std}) sequences of 3d + 1 points, "
@@ -505,7 +486,7 @@ class ICLPhaseTransition(Study):
         key = "accuracy" if classification else "mse"
         rule = ("unseen-task accuracy above chance (1/ways) by more than its 95% CI and by 5 points" if classification
                 else "unseen-task MSE below the zero predictor's by more than its 95% CI and by 10%")
-        md = [f"Command: `{_command('icl-phase-transition', self.config, self.device_flag())}` (ran in {seconds / 60:.1f} min on "
+        md = [f"Command: `{self.command()}` (ran in {seconds / 60:.1f} min on "
               f"{self.hardware()}).", "",
               f"Every run: `{c.learner}` ({self._describe(c)}) on `{c.task}` with a pool of 2^k tasks (pool seed 0), "
               f"{c.steps} steps of {c.batch_tasks} tasks, Adam lr {c.lr}, grad clip {c.grad_clip}, seed {c.seed}. "
@@ -637,7 +618,7 @@ class ICLTransfer(Study):
         return path
 
     def _notes(self, c: Config, rows: list[dict[str, Any]], train_seconds: float, seconds: float) -> str:
-        md = [f"Command: `{_command('icl-transfer', self.config, self.device_flag())}` (ran in {seconds / 60:.1f} min on "
+        md = [f"Command: `{self.command()}` (ran in {seconds / 60:.1f} min on "
               f"{self.hardware()}; training {train_seconds / 60:.1f} min).", "",
               f"Training: `transformer` (mode `sequence`, width {c.width}, {c.layers} blocks, {c.heads} heads, loss mse) "
               f"on `random_mlp` only (1-D, x ~ U{list(c.x_range)}, depth {c.depth}, tanh, first-layer scale "

@@ -294,10 +294,7 @@ class NeuralProcesses(Study):
     # -- the report ----------------------------------------------------------------------------
     def _notes(self, c: Config, rows: list[dict[str, Any]], ordering: list[dict[str, Any]], curves: dict[str, Any],
                sinusoid_rows: list[dict[str, Any]], seconds: float) -> str:
-        defaults = type(self.config)()
-        sets = " ".join(f"--set 'study.{f.name}={_toml(getattr(self.config, f.name))}'" for f in fields(self.config)
-                        if getattr(self.config, f.name) != getattr(defaults, f.name))
-        md = [f"Command: `metalens study neural-processes{self.device_flag()} --out OUT{(' ' + sets) if sets else ''}` "
+        md = [f"Command: `{self.command()}` "
               f"(this invocation: {seconds / 60:.1f} min on {self.hardware()}; "
               "finished runs found in `OUT/runs` are reused, not trained again).", "",
               "Training: " + ", ".join(f"{m} {c.steps_for(m)}" for m in c.models) + " steps per kernel, "
@@ -457,19 +454,6 @@ def _neg(m: Metric) -> Metric:
 
 def _fmt(m: dict[str, float] | None) -> str:
     return "–" if m is None else f"{m['mean']:.3f} ± {m['ci95']:.3f}"
-
-
-def _toml(v: Any) -> str:
-    """``v`` as a ``--set`` value (TOML; bare words are strings)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, dict):
-        return "{" + ",".join(f"{k}={_toml(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, (tuple, list)):
-        return "[" + ",".join(f'"{x}"' if isinstance(x, str) else _toml(x) for x in v) + "]"
-    return repr(v)
 
 
 # --------------------------------------------------------------------------------------------

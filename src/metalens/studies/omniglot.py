@@ -32,7 +32,6 @@ larger ``steps`` continues them.
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -246,9 +245,7 @@ class OmniglotStudy(Study):
             cells = [f"{100 * row[s]['mean']:.2f}% ± {100 * row[s]['ci95']:.2f}" if s in row else "–"
                      for s in settings]
             lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-        sets = [f"--set {shlex.quote(f'study.{k}={_toml(v)}')}" for k, v in to_dict(self.config).items()
-                if v != to_dict(type(self.config)())[k]]
-        cmd = f"metalens study omniglot{self.device_flag()} --out OUT" + "".join(f" {s}" for s in sets)
+        cmd = self.command()
         step_times = ", ".join(f"{k} {v['seconds_per_step']:.3f}s" for k, v in timings.items()
                                if v.get("seconds_per_step"))
         text = [
@@ -281,14 +278,6 @@ def _describe_steps(c: OmniglotStudy.Config) -> str:
     if isinstance(c.steps, dict):
         return ", ".join(f"{k} {c.steps_for(k)} steps" for k in c.learners)
     return f"{c.steps} steps"
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
-    return json.dumps(v)
 
 
 def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
