@@ -132,14 +132,15 @@ def test_train_without_folder():
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_meta_loss_trains_like_the_eager_one():
+def test_compiled_meta_loss_trains_like_the_eager_one(capsys):
     """train.compile = true: the same second-order MAML steps as eager mode (float32 rounding apart)."""
     fam = metalens.make_task("sinusoid", shots=5, queries=5)
     runs = []
     for compiled in (False, True):
         learner = metalens.make_learner("maml", fam, seed=0, hidden=[8, 8], inner_steps=2)
-        result = train(learner, fam, TrainConfig(steps=4, batch_tasks=3, seed=0, compile=compiled), progress=False)
+        result = train(learner, fam, TrainConfig(steps=4, batch_tasks=3, seed=0, compile=compiled), progress=True)
         runs.append((_params(learner), result.last_metrics["loss"]))
+        assert ("compiling the meta-loss" in capsys.readouterr().err) == compiled  # the slow first step says why
     (eager, loss_eager), (compiled, loss_compiled) = runs
     assert loss_compiled == pytest.approx(loss_eager, rel=1e-4)
     for k in eager:

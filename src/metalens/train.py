@@ -196,6 +196,8 @@ def train(
             # the learner's own randomness: per rank when distributed (see README)
             gen = rng.generator(config.seed, rng.Stream.LEARNER, step, *((w.rank,) if w.size > 1 else ()),
                                 device=device)
+            if config.compile and step == start:  # the first step compiles: say so, it can take minutes
+                bar.set_postfix_str("compiling the meta-loss (train.compile)", refresh=True)
             loss, metrics = meta_loss(episode, generator=gen)
             optimizer.zero_grad(set_to_none=True)
             if w.size > 1:  # backward even if non-finite, so that every rank joins the all-reduce
