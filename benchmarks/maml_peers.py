@@ -332,7 +332,7 @@ def summary(results: list[dict], threads: list[int]) -> None:
                     for p in ("learn2learn", "higher"):
                         if p in peers:
                             msg += f"; {p} {peers[p] / ml:.1f}x (goal >= 5x)"
-                if "func-vmap-compiled" in cell:
+                if ours == "metalens-compiled" and "func-vmap-compiled" in cell:
                     msg += f"; plain torch.func vmap compiled by hand {cell['func-vmap-compiled'] / ml:.2f}x"
                 lines.append(msg)
     if lines:
