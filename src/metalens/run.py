@@ -139,10 +139,15 @@ def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False
     """Prepare a run (and its folder) without training it yet.
 
     A new run refuses a folder that is not empty. ``resume=True`` needs the folder
-    to hold a run with the same configuration (only ``train.steps`` may grow).
+    to hold a run with the same configuration (only ``train.steps``, ``train.device`` and
+    ``train.compile`` may change). The family and learner are built before the folder is
+    touched, so options they refuse leave no trace.
     """
     path = Path(out) if out is not None else None
     w = distributed.world()
+    # build first: an option that only the learner or family can refuse (e.g. a backbone that does not
+    # fit the family's inputs) must fail before the folder is touched
+    family, learner = config.build()
     error = None
     if path is not None and w.is_writer:
         try:
@@ -155,7 +160,6 @@ def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False
         error = verdict[0]
     if error is not None:
         raise RunFolderError(error)
-    family, learner = config.build()
     return Run(config, family, learner, path)
 
 
