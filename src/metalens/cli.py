@@ -235,7 +235,7 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     """Run one of the literature's experiments (NAME) and write its report; no NAME lists them."""
     from metalens.config import ConfigError, field_docs, from_dict
     from metalens.registry import STUDIES
-    from metalens.studies import toml_value
+    from metalens.studies import set_arg
     from metalens.train import check_device
 
     if name is None:
@@ -247,7 +247,7 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     if help_options:
         click.echo(f"{name}: {entry.summary}")
         for field, (default, help_) in field_docs(entry.cls.Config).items():
-            click.echo(f"  --set 'study.{field}={toml_value(default)}'  {help_}")
+            click.echo(f"  {set_arg(field, default)}  {help_}")
         return
     sec = _collect(None, sets)
     if sec["task"] or sec["learner"] or sec["train"]:

@@ -158,14 +158,6 @@ class Pretrain(Learner):
         else:
             self.net = MLP(spec.x_shape, out, c.hidden, c.activation)
 
-    def features(self, x: Tensor) -> Tensor:
-        """The network without its last linear layer: ``[T, P, *x] -> [T, P, D]``.
-
-        Conv-4 normalises each task with its own batch statistics, so the points of a task
-        are embedded together.
-        """
-        return self.net.embed(x)
-
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
                 support_mask: Tensor | None = None) -> Distribution:
         c = self.config
@@ -182,8 +174,8 @@ class Pretrain(Learner):
                           support_mask: Tensor | None) -> Distribution:
         c = self.config
         S, N = support_x.shape[1], self.spec.num_classes
-        with torch.no_grad():
-            z = self.features(torch.cat([support_x, query_x], 1))  # [T, S+Q, D]
+        with torch.no_grad():  # the body without its head; a task's points are one batch (Conv-4's batch norm)
+            z = self.net.embed(torch.cat([support_x, query_x], 1))  # [T, S+Q, D]
         z_s, z_q = z[:, :S], z[:, S:]
         head = nn.Linear(z.shape[-1], N, device="meta")  # a shape only: fit_per_task supplies the parameters
         zero = {"weight": z.new_zeros(N, z.shape[-1]), "bias": z.new_zeros(N)}

@@ -411,8 +411,7 @@ class LatentNeuralProcess(CNP):
         K = self.config.train_samples
         if self.config.objective == "ml":
             _, _, _, log_p, q_mask = self._posterior_terms(episode, K, generator, from_prior=True)
-            log_lik = torch.where(q_mask[:, None], log_p, 0.0).sum(-1)  # [T, K]
-            loss = -(torch.logsumexp(log_lik, 1) - math.log(K)).sum() / q_mask.sum()
+            loss = -_log_mean_exp(_joint_log_p(log_p, q_mask)).sum() / q_mask.sum()
             return loss, {"loss": float(loss.detach())}
         prior, posterior, _, log_p, q_mask = self._posterior_terms(episode, K, generator)
         nll = -torch.where(q_mask, log_p.mean(1), 0.0).sum()  # mean over the z samples, sum over real targets
@@ -434,10 +433,20 @@ class LatentNeuralProcess(CNP):
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         prior, posterior, z, log_p, q_mask = self._posterior_terms(episode, samples, generator)
-        log_lik = torch.where(q_mask[:, None], log_p, 0.0).sum(-1)  # [T, K]
+        log_lik = _joint_log_p(log_p, q_mask)  # [T, K]
         log_w = (Normal(prior.loc[:, None], prior.scale[:, None]).log_prob(z).sum(-1)
                  - Normal(posterior.loc[:, None], posterior.scale[:, None]).log_prob(z).sum(-1))  # [T, K]
-        return torch.logsumexp(log_lik + log_w, 1) - math.log(samples)
+        return _log_mean_exp(log_lik + log_w)
+
+
+def _joint_log_p(log_p: Tensor, q_mask: Tensor) -> Tensor:
+    """``log p(y_T | z_k)``: ``log_p [T, K, Q]`` summed over each task's real targets -> ``[T, K]``."""
+    return torch.where(q_mask[:, None], log_p, 0.0).sum(-1)
+
+
+def _log_mean_exp(log_w: Tensor) -> Tensor:
+    """``log (1/K) sum_k exp(log_w[:, k])``: ``[T, K]`` -> ``[T]``."""
+    return torch.logsumexp(log_w, 1) - math.log(log_w.shape[1])
 
 
 @LEARNERS.register("lnp")

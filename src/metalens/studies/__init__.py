@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from metalens.registry import STUDIES
 
-__all__ = ["Study", "STUDIES", "toml_value"]
+__all__ = ["Study", "STUDIES", "toml_value", "set_arg"]
 
 
 def toml_value(v: Any) -> str:
@@ -35,6 +35,16 @@ def toml_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     return repr(v)
+
+
+def set_arg(name: str, value: Any) -> str:
+    """``--set 'study.NAME=VALUE'`` as one shell word (VALUE in TOML).
+
+    >>> print(set_arg("kernels", ["rbf"]))
+    --set 'study.kernels=["rbf"]'
+    """
+    arg = f"study.{name}={toml_value(value)}".replace("'", "'\\''")
+    return f"--set '{arg}'"
 
 
 class Study(ABC):
@@ -62,12 +72,8 @@ class Study(ABC):
     def command(self) -> str:
         """The command line that reproduces this study: its non-default options as ``--set``."""
         defaults = type(self.config)()
-        sets = []
-        for f in fields(self.config):
-            value = getattr(self.config, f.name)
-            if value != getattr(defaults, f.name):
-                arg = f"study.{f.name}={toml_value(value)}".replace("'", "'\\''")  # one single-quoted word
-                sets.append(f" --set '{arg}'")
+        sets = [f" {set_arg(f.name, getattr(self.config, f.name))}" for f in fields(self.config)
+                if getattr(self.config, f.name) != getattr(defaults, f.name)]
         return f"metalens study {self.registry_name}{self.device_flag()} --out OUT" + "".join(sets)
 
     @abstractmethod

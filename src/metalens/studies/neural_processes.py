@@ -204,17 +204,20 @@ class NeuralProcesses(Study):
         echo(f"[study] report: {path}")
         return path
 
+    def _on_ml(self, model: str) -> bool:
+        """Whether ``model`` trains on NP-ML here (the study's objective, for models that have one)."""
+        return self.effective().objective == "ml" and "objective" in _option_names(model)
+
     def _learner_options(self, model: str, base: dict[str, Any]) -> dict[str, Any]:
         """The study's options of ``model``: ``base`` (where it has them) and the latent models' objective."""
-        c = self.effective()
         opts = {k: v for k, v in base.items() if k in _option_names(model)}
-        if c.objective == "ml" and "objective" in _option_names(model):
-            opts.update(objective="ml", train_samples=c.ml_samples)
+        if self._on_ml(model):
+            opts.update(objective="ml", train_samples=self.effective().ml_samples)
         return opts
 
     def _label(self, model: str, task: str) -> str:
         """The run folder's suffix: ``<task>``, or ``ml-<task>`` for a latent model trained on NP-ML."""
-        return f"ml-{task}" if self.effective().objective == "ml" and "objective" in _option_names(model) else task
+        return f"ml-{task}" if self._on_ml(model) else task
 
     def task_options(self, kernel: str) -> dict[str, Any]:
         """``gp`` options of a study kernel (the family's defaults are the ConvCNP protocol)."""
