@@ -1,13 +1,14 @@
 """The trainer: determinism in (seed, step), bit-exact resume, the non-finite stop."""
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
 
 import metalens
-from metalens import checkpoint
+from metalens import checkpoint, rng
 from metalens.run import RunConfig, RunFolderError, load_run, start_run
 from metalens.train import TrainConfig, TrainingDiverged, train
 
@@ -110,9 +111,61 @@ def test_run_folder_is_never_overwritten(tmp_path):
 
 def test_trainconfig_validation():
     for bad, match in [({"steps": 0}, "steps must be >= 1"), ({"lr": 0.0}, "lr must be > 0"),
-                       ({"batch_tasks": 0}, "batch_tasks must be >= 1"), ({"seed": -1}, "seed must be >= 0")]:
+                       ({"batch_tasks": 0}, "batch_tasks must be >= 1"), ({"seed": -1}, "seed must be >= 0"),
+                       ({"lr_schedule": "linear"}, "lr_schedule must be 'constant' or 'cosine'"),
+                       ({"lr_schedule": "cosine", "steps": 5, "lr_decay_start": 5}, r"lr_decay_start must be in"),
+                       ({"lr_decay_start": -1}, "lr_decay_start must be in")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
+
+
+def test_cosine_schedule_values():
+    c = TrainConfig(steps=10, lr=0.2, lr_schedule="cosine", lr_decay_start=4)
+    assert [c.lr_at(s) for s in range(5)] == [0.2] * 5  # constant until the decay starts
+    assert c.lr_at(7) == pytest.approx(0.1)  # half way through the 6 decaying steps
+    assert c.lr_at(9) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert all(c.lr_at(s) > c.lr_at(s + 1) for s in range(4, 9))
+    assert TrainConfig(steps=10, lr=0.2).lr_at(9) == 0.2
+    assert c.constant_through(4) and not c.constant_through(5)
+
+
+def test_cosine_schedule_equals_sgd_written_as_a_loop():
+    """The optimiser takes step t with lr_at(t): plain SGD in a loop with the same rates ends in the same place."""
+    cfg = TrainConfig(steps=6, batch_tasks=3, lr=0.05, optimizer="sgd", lr_schedule="cosine", lr_decay_start=2)
+    fam = metalens.make_task("sinusoid", shots=5)
+    torch.manual_seed(0)
+    trained = metalens.make_learner("pretrain", fam, hidden=[8], finetune_steps=1)
+    looped = metalens.make_learner("pretrain", fam, hidden=[8], finetune_steps=1)
+    looped.load_state_dict(trained.state_dict())
+    train(trained, fam, cfg, progress=False)
+    for step in range(cfg.steps):
+        loss, _ = looped.meta_loss(fam.episode(cfg.seed, step, cfg.batch_tasks),
+                                   generator=rng.generator(cfg.seed, rng.Stream.LEARNER, step))
+        grads = torch.autograd.grad(loss, list(looped.parameters()))
+        with torch.no_grad():
+            for p, g in zip(looped.parameters(), grads):
+                p -= cfg.lr_at(step) * g
+    for (k, a), b in zip(trained.state_dict().items(), looped.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert cfg.lr_at(5) < 0.05 / 4  # the schedule did change the rates
+
+
+def test_resume_may_start_a_decay_where_the_constant_run_stopped(tmp_path):
+    decayed = {"lr_schedule": "cosine", "lr_decay_start": 4}
+    one_go = start_run(_cfg(steps=8, **decayed), tmp_path / "one")
+    one_go.train(progress=False)
+    start_run(_cfg(steps=4), tmp_path / "r").train(progress=False)  # constant lr, finished at 4
+    resumed = start_run(_cfg(steps=8, **decayed), tmp_path / "r", resume=True)
+    resumed.train(resume=True, progress=False)
+    pa, pb = _params(one_go.learner), _params(resumed.learner)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    # a decay that would have changed steps already taken, or a decaying run's length, is refused
+    with pytest.raises(RunFolderError, match="different configuration"):
+        start_run(_cfg(steps=12, lr_schedule="cosine", lr_decay_start=2), tmp_path / "r", resume=True)
+    with pytest.raises(RunFolderError, match="different configuration"):
+        start_run(_cfg(steps=12, **decayed), tmp_path / "r", resume=True)
+    with pytest.raises(RunFolderError, match="different configuration"):
+        start_run(_cfg(steps=8), tmp_path / "r", resume=True)
 
 
 def test_untrainable_learner_records_a_checkpoint(tmp_path):

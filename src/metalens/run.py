@@ -140,7 +140,9 @@ def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False
 
     A new run refuses a folder that is not empty. ``resume=True`` needs the folder
     to hold a run with the same configuration (only ``train.steps``, ``train.device`` and
-    ``train.compile`` may change). The family and learner are built before the folder is
+    ``train.compile`` may change, and the learning-rate schedule while every step the saved
+    run was configured for keeps its rate: a constant run may go on with a decay that starts
+    at or after its saved ``train.steps``). The family and learner are built before the folder is
     touched, so options they refuse leave no trace.
     """
     path = Path(out) if out is not None else None
@@ -167,13 +169,18 @@ def _prepare_folder(config: RunConfig, path: Path, resume: bool) -> None:
     """Check that ``path`` may hold this run, and write its ``config.json``."""
     if resume:
         saved = _read_config(path)
-        if replace(saved.train, steps=config.train.steps, device=config.train.device,
-                   compile=config.train.compile) != config.train or (
+        new = config.train
+        free = {"device": new.device, "compile": new.compile}
+        # steps and the schedule may change while every step the saved run was configured for keeps its lr
+        if saved.train.constant_through(saved.train.steps) and new.constant_through(saved.train.steps):
+            free.update(steps=new.steps, lr_schedule=new.lr_schedule, lr_decay_start=new.lr_decay_start)
+        if replace(saved.train, **free) != new or (
                 saved.task, saved.learner, saved.task_options, saved.learner_options) != (
                 config.task, config.learner, config.task_options, config.learner_options):
             raise RunFolderError(
                 f"{path} holds a run with a different configuration; --resume continues it as it "
-                "was configured (only train.steps, train.device and train.compile may change)")
+                "was configured (only train.steps, train.device and train.compile may change, and a "
+                "constant learning rate may turn into a decay that starts at or after the saved train.steps)")
     elif path.exists() and any(path.iterdir()):
         what = "holds a run" if (path / "config.json").exists() else "is not empty"
         hint = "pass --resume to continue it, or " if what == "holds a run" else ""

@@ -40,6 +40,10 @@ class TrainConfig:
     steps: int = opt(1000, "number of meta-training steps (optimiser updates)")
     batch_tasks: int = opt(25, "tasks per meta-training step (the meta-batch)")
     lr: float = opt(1e-3, "learning rate of the outer (meta) optimiser")
+    lr_schedule: Literal["constant", "cosine"] = opt(
+        "constant", "constant: lr at every step; cosine: lr until step lr_decay_start, then a half cosine down to 0 "
+                    "at the last step")
+    lr_decay_start: int = opt(0, "lr_schedule = cosine: the step at which the decay begins (0: from the start)")
     optimizer: Literal["adam", "sgd"] = opt("adam", "outer optimiser: adam or sgd")
     weight_decay: float = opt(0.0, "weight decay of the outer optimiser")
     grad_clip: float = opt(0.0, "clip the meta-gradient's global norm to this value (0: off)")
@@ -64,6 +68,10 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_decay_start < 0 or (self.lr_schedule == "cosine" and self.lr_decay_start >= self.steps):
+            raise ValueError(f"lr_decay_start must be in [0, steps) = [0, {self.steps}), got {self.lr_decay_start}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         try:
@@ -71,6 +79,19 @@ class TrainConfig:
         except (RuntimeError, ValueError):
             raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:1, got {self.device!r}") \
                 from None
+
+
+    def lr_at(self, step: int) -> float:
+        """The outer learning rate of step ``step`` (0-based), a function of the step alone (so resuming needs no
+        scheduler state)."""
+        if self.lr_schedule == "constant" or step < self.lr_decay_start:
+            return self.lr
+        progress = (step - self.lr_decay_start) / (self.steps - self.lr_decay_start)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def constant_through(self, steps: int) -> bool:
+        """Whether the learning rate is ``lr`` at every one of the first ``steps`` steps."""
+        return self.lr_schedule == "constant" or self.lr_decay_start >= steps
 
 
 def check_device(device: str) -> None:
@@ -214,13 +235,15 @@ def train(
                 params, config.grad_clip if config.grad_clip > 0 else math.inf)
             if not torch.isfinite(grad_norm):
                 raise TrainingDiverged(_diverged_message("meta-gradient", float(grad_norm), step, run_path, last_ckpt))
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step)
             optimizer.step()
             done = step + 1
             running = metrics["loss"] if running is None else 0.95 * running + 0.05 * metrics["loss"]
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4g}", refresh=False)
             if log is not None and (done % config.log_every == 0 or done == config.steps):
-                row = {"step": done, **metrics, "grad_norm": float(grad_norm),
+                row = {"step": done, **metrics, "grad_norm": float(grad_norm), "lr": config.lr_at(step),
                        "seconds": round(time.perf_counter() - t0, 3)}
                 log.write(json.dumps(row) + "\n")
                 log.flush()

@@ -61,15 +61,19 @@ def test_study_is_registered_and_checks_its_options():
         NeuralProcesses.Config(objective="iwae")
 
 
-def test_ml_objective_trains_the_latent_models_apart(capsys, tmp_path):
+def test_ml_objective_trains_the_latent_models_apart_and_lr_decay_reaches_every_run(capsys, tmp_path):
     out = tmp_path / "np"
     assert main(["study", "neural-processes", "--out", str(out), "--quiet", "--set", "study.quick=true",
                  "--set", 'study.kernels=["rbf"]', "--set", "study.sinusoid=false", "--set", "study.objective=ml",
-                 "--set", "study.ml_samples=3"]) == 0
+                 "--set", "study.ml_samples=3", "--set", "study.lr_decay=0.5"]) == 0
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["anp-ml-rbf", "cnp-rbf", "lnp-ml-rbf"]
     saved = json.loads((out / "runs" / "lnp-ml-rbf" / "config.json").read_text())
     assert saved["learner"]["objective"] == "ml" and saved["learner"]["train_samples"] == 3
     assert "latent models on NP-ML (3 z samples per task)" in (out / "report.md").read_text()
+    for run in ("cnp-rbf", "lnp-ml-rbf"):  # quick runs take 3 steps: the decay covers the last 2 (round(1.5))
+        train = json.loads((out / "runs" / run / "config.json").read_text())["train"]
+        assert (train["lr_schedule"], train["lr_decay_start"]) == ("cosine", 2)
+    assert "decaying to 0 by a half cosine over the last 50% of each run's steps" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("options", [{"kernel": "matern52"}, {"kernel": "rbf", "lengthscale_range": (0.2, 0.8)}])

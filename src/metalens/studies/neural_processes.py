@@ -86,6 +86,9 @@ class NeuralProcesses(Study):
         ml_samples: int = opt(8, "objective = ml: z samples per task in each training step")
         batch_tasks: int = opt(16, "tasks per meta-training step")
         lr: float = opt(5e-4, "Adam learning rate")
+        lr_decay: float = opt(0.0, "fraction of each run's steps, at its end, over which the learning rate decays "
+                                   "to 0 by a half cosine (0: constant); a finished constant run continued to more "
+                                   "steps decays from where it stopped when the fraction reaches back that far")
         seed: int = opt(0, "training seed of every run (episodes, initial weights, z samples)")
         episodes: int = opt(1000, "held-out tasks per kernel for the log-likelihood table")
         eval_seed: int = opt(0, "seed of the held-out tasks")
@@ -117,6 +120,8 @@ class NeuralProcesses(Study):
             check_min(self, 1, "batch_tasks", "sinusoid_steps", "joint_samples", "figure_tasks", "ml_samples")
             check_min(self, 2, "episodes", "curve_episodes", why="for a confidence interval")
             check_positive(self, "lr")
+            if not 0.0 <= self.lr_decay < 1.0:
+                raise ValueError(f"lr_decay must be in [0, 1), got {self.lr_decay}")
             if any(n < 0 for n in self.curve_contexts):
                 raise ValueError(f"curve_contexts must be >= 0, got {list(self.curve_contexts)}")
 
@@ -229,7 +234,8 @@ class NeuralProcesses(Study):
                learner_opts: dict[str, Any], steps: int, progress: bool | None,
                echo: Callable[[str], None], train_opts: dict[str, Any] | None = None) -> tuple[Learner, float]:
         c = self.effective()
-        train = {"batch_tasks": c.batch_tasks, "lr": c.lr, **(train_opts or {}),
+        decay = {"lr_schedule": "cosine", "lr_decay_start": round(steps * (1 - c.lr_decay))} if c.lr_decay else {}
+        train = {"batch_tasks": c.batch_tasks, "lr": c.lr, **decay, **(train_opts or {}),
                  "steps": steps, "seed": c.seed, "log_every": 50, "checkpoint_every": 2000, "device": self.device}
         cfg = RunConfig.resolve(task, model, task_opts, learner_opts, train)
         run_dir = out / "runs" / f"{model}-{label}"
@@ -303,7 +309,9 @@ class NeuralProcesses(Study):
               "Training: " + ", ".join(f"{m} {c.steps_for(m)}" for m in c.models) + " steps per kernel, "
               + ("latent models on the conditional ELBO, " if c.objective == "elbo" else
                  f"latent models on NP-ML ({c.ml_samples} z samples per task), ") +
-              f"{c.batch_tasks} tasks per step, Adam lr {c.lr}, "
+              f"{c.batch_tasks} tasks per step, Adam lr {c.lr}"
+              + (f" decaying to 0 by a half cosine over the last {c.lr_decay:.0%} of each run's steps, " if c.lr_decay
+                 else ", ") +
               "seed " f"{c.seed}; `gp` family defaults (ConvCNP protocol: x ~ U[-2, 2], contexts U{{3..50}}, "
               f"targets U{{3..50}}, length scale 0.25, noise sd 0.05); rbf-random: rbf with a log-uniform "
               f"length scale on {list(c.lengthscale_range)}. Scored on {c.episodes} held-out tasks per kernel "
