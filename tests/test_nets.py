@@ -30,6 +30,29 @@ def test_conv4_normalises_each_task_with_its_own_statistics():
     assert Conv4((1, 28, 28), 0, channels=8)(x).shape == (3, 10, 8)  # no head: the embedding
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_conv4_pools_before_its_relu_with_the_same_values_and_gradients(fused):
+    """embed runs relu(max-pool(z)); the modules in their listed order (ReLU, then pool) give the same
+    values and input gradients, with odd sizes (7 -> 3) and negative scales (a window's max is then <= 0)."""
+    g = torch.Generator().manual_seed(SEED)
+    net = Conv4((2, 14, 14), 3, channels=4, blocks=3, fused_norm=fused).double()
+    with torch.no_grad():
+        for i in range(1, len(net.features), 4):
+            net.features[i].weight.copy_(torch.randn(4, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 6, 2, 14, 14, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def listed_order(x):
+        z = x.reshape(-1, 2, 14, 14)
+        for layer in net.features:
+            z = layer(z.view(2, 6, *z.shape[1:])).flatten(0, 1) if isinstance(layer, TaskBatchNorm2d) else layer(z)
+        return net.head(z.reshape(2, 6, -1))
+
+    out, ref = net(x), listed_order(x)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((out * w).sum(), x)[0], torch.autograd.grad((ref * w).sum(), x)[0])
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="image inputs"):
         Conv4((784,), 5)

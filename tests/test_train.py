@@ -199,3 +199,38 @@ def test_compiled_meta_loss_trains_like_the_eager_one(capsys):
     for k in eager:
         assert not torch.equal(eager[k], metalens.make_learner("maml", fam, seed=0, hidden=[8, 8]).state_dict()[k])
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_loop_over_tasks_compiles_one_task_and_trains_like_eager():
+    """Conv-4 MAML (loop over tasks): train.compile compiles one task's function, called for each task."""
+    spec = metalens.TaskSpec(kind="classification", x_shape=(1, 28, 28), num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3)
+    episode = metalens.Episode(torch.randn(3, 3, 1, 28, 28, generator=g), labels.repeat(3, 1),
+                               torch.randn(3, 6, 1, 28, 28, generator=g), labels.repeat(3, 2), num_classes=3)
+    learners = [metalens.make_learner("maml", spec, seed=0, backbone="conv4", channels=4, blocks=2, inner_steps=1,
+                                      inner_lr=0.2) for _ in range(2)]
+    meta_loss = learners[1].compiled_meta_loss()
+    assert meta_loss == learners[1].meta_loss and learners[1]._compiled_task is not None  # not the whole loop
+    calls, compiled_task = [], learners[1]._compiled_task
+
+    def counted(*args):
+        calls.append(1)
+        return compiled_task(*args)
+
+    learners[1]._compiled_task = counted
+    grads = []
+    for learner, fn in zip(learners, (learners[0].meta_loss, meta_loss)):
+        loss, _ = fn(episode)
+        loss.backward()
+        grads.append({k: p.grad for k, p in learner.named_parameters()})
+    for k in grads[0]:
+        if k.startswith("net.features.") and k.endswith(".bias") and int(k.split(".")[2]) % 4 == 0:
+            continue  # conv biases before batch norm: their gradient is rounding noise around 0
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-3, atol=1e-5)
+    assert len(calls) == episode.n_tasks  # the compiled function ran once per task
+    # learners with their own meta-loss compile all of it
+    reptile = metalens.make_learner("reptile", spec, seed=0, backbone="conv4", channels=4, blocks=2)
+    assert reptile.compiled_meta_loss() != reptile.meta_loss and reptile._compiled_task is None

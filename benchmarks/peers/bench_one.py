@@ -19,8 +19,9 @@ metalens           ``metalens.make_learner("maml", ...)``; ``loss, _ = learner.m
                    ``loss.backward()``; ``opt.step()`` (task batching: the learner's default)
 metalens-vmap,     the same learner with ``batching="vmap"`` / ``"loop"`` forced
 metalens-loop
-metalens-compiled  the same learner with its meta-loss under ``torch.compile`` (what
-                   ``train.compile = true`` does); the first iteration compiles it
+metalens-compiled  the same learner under ``torch.compile`` as ``train.compile = true`` runs
+                   it (``learner.compiled_meta_loss()``: on the loop over tasks, one task's
+                   function compiled and called per task); the first iteration compiles it
 learn2learn        ``l2l.algorithms.MAML(model, lr, first_order=False)``; per task ``clone()``,
                    ``adapt()`` x steps, query loss ``.backward()``; grads scaled by ``1/T``
                    (examples/vision/maml_omniglot.py)
@@ -39,6 +40,8 @@ func-loop          plain ``torch.func``: ``functional_call`` + ``torch.func.grad
 func-vmap          the same per-task function under ``torch.func.vmap``
 func-vmap-compiled the same, the loss function under ``torch.compile`` (what a user could
                    write by hand; no peer's docs do this)
+func-loop-compiled func-loop with the per-task function under ``torch.compile``, called for
+                   each task (by hand, likewise)
 =================  ==========================================================================
 
 The peers' Conv-4 uses ``nn.BatchNorm2d(64, track_running_stats=False)`` (batch
@@ -70,7 +73,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 IMPLS = ("metalens", "metalens-vmap", "metalens-loop", "metalens-compiled", "learn2learn", "higher", "torchopt",
-         "torchopt-vmap", "func-loop", "func-vmap", "func-vmap-compiled")
+         "torchopt-vmap", "func-loop", "func-vmap", "func-vmap-compiled", "func-loop-compiled")
 HEAD = 17  # index of the Linear head in the peers' Conv-4 nn.Sequential
 
 
@@ -127,7 +130,7 @@ def build_metalens(cfg, state, batching=None, compiled=False):
         sx, sy, qx, qy = ep
         return metalens.Episode(sx, sy, qx, qy, num_classes=None if cfg["config"] == "A" else cfg["n_way"])
 
-    meta_loss = torch.compile(learner.meta_loss) if compiled else learner.meta_loss
+    meta_loss = learner.compiled_meta_loss() if compiled else learner.meta_loss  # what train.compile does
 
     def forward_backward(ep):
         learner.zero_grad(set_to_none=True)
@@ -285,7 +288,10 @@ def build_func(cfg, state, vmapped: bool, compiled: bool = False):
 
     batched = vmap(task_loss, in_dims=(None, 0, 0, 0, 0))
     if compiled:
-        batched = torch.compile(batched)
+        if vmapped:
+            batched = torch.compile(batched)
+        else:
+            task_loss = torch.compile(task_loss)
 
     def forward_backward(ep):
         for p in params.values():
@@ -320,6 +326,8 @@ def build(impl: str, cfg: dict, state: dict):
         return build_metalens(cfg, state, compiled=True)
     if impl == "func-vmap-compiled":
         return build_func(cfg, state, vmapped=True, compiled=True)
+    if impl == "func-loop-compiled":
+        return build_func(cfg, state, vmapped=False, compiled=True)
     if impl == "learn2learn":
         return build_learn2learn(cfg, state)
     if impl == "higher":

@@ -146,7 +146,7 @@ class Conv4(nn.Module):
             c, h, w = channels, h // 2, w // 2
         if h < 1 or w < 1:
             raise ValueError(f"inputs of {tuple(in_shape)} are too small for {blocks} pooling blocks")
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers)  # [conv, norm, relu, pool] per block (see embed)
         self.embedding_dim = c * h * w
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features > 0 else None
 
@@ -161,11 +161,13 @@ class Conv4(nn.Module):
             raise ValueError("Conv4 expects [..., batch, channels, height, width]")
         # fold leading dims into one batch for the convolutions, keep them for the norm
         z = x.reshape(-1, *x.shape[-3:])
-        for layer in self.features:
-            if isinstance(layer, TaskBatchNorm2d):
-                z = layer(z.view(*lead, *z.shape[-3:])).reshape(-1, *z.shape[-3:])
-            else:
-                z = layer(z)
+        for i in range(0, len(self.features), 4):
+            conv, norm, relu, pool = self.features[i: i + 4]
+            z = conv(z)
+            z = norm(z.view(*lead, *z.shape[-3:])).reshape(-1, *z.shape[-3:])
+            # relu(max-pool(z)) = max-pool(relu(z)), value and gradient (ReLU is monotone and zero where
+            # a window's maximum is <= 0), with the ReLU on a quarter of the elements
+            z = relu(pool(z))
         return z.reshape(*lead, -1)
 
 

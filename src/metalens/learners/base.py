@@ -19,6 +19,7 @@ from ``g`` (derived by the trainer from (seed, step)), which keeps resuming exac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -108,6 +109,14 @@ class Learner(nn.Module, ABC):
         dist = self.predict(episode.support_x, episode.support_y, episode.query_x, support_mask=episode.support_mask)
         loss = query_loss(dist, episode.query_y, episode.query_mask, kind=self.spec.kind, mse=not self.probabilistic)
         return loss, {"loss": float(loss.detach())}
+
+    def compiled_meta_loss(self) -> Callable[..., tuple[Tensor, dict[str, float]]]:
+        """:meth:`meta_loss` under ``torch.compile`` (``train.compile``), compiled lazily by its first call.
+
+        Learners may compile a smaller piece instead (the gradient learners' loop over tasks
+        compiles one task's function, reused for every task).
+        """
+        return torch.compile(self.meta_loss)
 
     # -- helpers for subclasses -------------------------------------------------------------------
     def output_distribution(self, out: Tensor, *, scale: Tensor | float = 1.0) -> Distribution:

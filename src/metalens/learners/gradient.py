@@ -436,6 +436,7 @@ class GradientLearner(Learner):
             self.net = Conv4(spec.x_shape, self.out_features, channels=c.channels, blocks=c.blocks,
                              fused_norm=self.batching == "loop")
         self.adapted: tuple[str, ...] | None = None
+        self._compiled_task: Callable[..., Tensor] | None = None  # set by compiled_meta_loss
 
     # -- the parts each learner chooses ----------------------------------------------------------
     def step_rule(self) -> StepRule:
@@ -459,29 +460,59 @@ class GradientLearner(Learner):
         """The meta-learned initialisation, ``{name: tensor}`` of the backbone."""
         return dict(self.net.named_parameters())
 
+    def adapt_task(self, theta: Params, sx: Tensor, sy: Tensor, sm: Tensor | None, *, steps: int) -> Params:
+        """The inner loop of one task (:func:`adapt` with this learner's choices): ``sx [S, *x]`` -> parameters."""
+        return adapt(self.net, theta, sx, sy, sm, steps=steps, step=self.step_rule(), adapted=self.adapted,
+                     first_order=self.first_order, proximal=self.proximal, classification=self.spec.is_classification)
+
     def adapt_tasks(self, theta: Params, support_x: Tensor, support_y: Tensor, support_mask: Tensor | None,
                     *, steps: int) -> Params:
-        """:func:`adapt` on every task: ``support_x [T, S, *x]`` -> parameters ``[T, *shape]``."""
-        step = self.step_rule()
+        """:meth:`adapt_task` on every task: ``support_x [T, S, *x]`` -> parameters ``[T, *shape]``."""
+        return map_tasks(lambda sx, sy, sm: self.adapt_task(theta, sx, sy, sm, steps=steps),
+                         support_x, support_y, support_mask, batching=self.batching)
 
-        def one(sx: Tensor, sy: Tensor, sm: Tensor | None) -> Params:
-            return adapt(self.net, theta, sx, sy, sm, steps=steps, step=step, adapted=self.adapted,
-                         first_order=self.first_order, proximal=self.proximal,
-                         classification=self.spec.is_classification)
+    def adapt_and_apply(self, theta: Params, support_x: Tensor, support_y: Tensor, support_mask: Tensor | None,
+                        query_x: Tensor, *, steps: int, compiled: bool = False) -> Tensor:
+        """Adapt to each task's support set and run the adapted network on its queries: ``[T, Q, out]``.
 
-        return map_tasks(one, support_x, support_y, support_mask, batching=self.batching)
+        One task's function (:meth:`task_outputs`) mapped over the tasks, so the adapted parameters
+        are never stacked (on the loop path that would copy every parameter per task, forward and
+        backward). ``compiled``: call its compiled version where :meth:`compiled_meta_loss` made one.
+        """
+        fn = self._compiled_task if compiled and self._compiled_task is not None else self.task_outputs
+        return map_tasks(lambda sx, sy, sm, qx: fn(theta, sx, sy, sm, qx, steps),
+                         support_x, support_y, support_mask, query_x, batching=self.batching)
+
+    def task_outputs(self, theta: Params, sx: Tensor, sy: Tensor, sm: Tensor | None, qx: Tensor, steps: int) -> Tensor:
+        """One task: adapt to its support set ``sx [S, *x]``, then the adapted network on ``qx [Q, *x]``."""
+        return functional_call(self.net, self.adapt_task(theta, sx, sy, sm, steps=steps), (qx,))
+
+    def compiled_meta_loss(self) -> Callable[..., tuple[Tensor, dict[str, float]]]:
+        """With a loop over tasks, compile one task's :meth:`task_outputs` and call it for every task.
+
+        The whole meta-loss would trace into one graph holding every task's copy (minutes to
+        compile for Conv-4); one task's graph compiles once and is reused. Learners with their
+        own meta-loss (Reptile, iMAML), and the vmap path, compile the whole meta-loss.
+        """
+        if self.batching != "loop" or type(self).meta_loss is not GradientLearner.meta_loss:
+            return super().compiled_meta_loss()
+        self._compiled_task = torch.compile(self.task_outputs)
+        return self.meta_loss
 
     def apply_tasks(self, phi: Params, x: Tensor) -> Tensor:
         """The network with per-task parameters ``phi [T, ...]`` on ``x [T, P, *x]`` -> ``[T, P, out]``."""
         return map_tasks(lambda p, xt: functional_call(self.net, p, (xt,)), phi, x, batching=self.batching)
 
     def query_loss(self, phi: Params, episode: Episode) -> Tensor:
-        """The query loss (MSE or cross-entropy, masked) of adapted parameters ``phi [T, ...]``.
+        """The query loss (MSE or cross-entropy, masked) of adapted parameters ``phi [T, ...]``."""
+        return self.outputs_loss(self.apply_tasks(phi, episode.query_x), episode)
+
+    def outputs_loss(self, out: Tensor, episode: Episode) -> Tensor:
+        """The query loss (MSE or cross-entropy, masked) of the adapted networks' outputs ``out [T, Q, out]``.
 
         NaN when the inner loop diverged (non-finite outputs), so that the trainer
         stops with :class:`~metalens.train.TrainingDiverged` (lower ``inner_lr`` then).
         """
-        out = self.apply_tasks(phi, episode.query_x)  # [T, Q, out]
         loss = query_loss(self.output_distribution(out), episode.query_y, episode.query_mask, kind=self.spec.kind,
                           mse=True)
         # no Python branch on a tensor: torch.compile traces the whole meta-loss as one graph
@@ -494,8 +525,7 @@ class GradientLearner(Learner):
         Under ``torch.no_grad`` (the evaluator) no graph is kept: ``torch.func.grad``
         still computes the inner gradients.
         """
-        phi = self.adapt_tasks(self.theta(), support_x, support_y, support_mask, steps=self.eval_steps)
-        out = self.apply_tasks(phi, query_x)  # [T, Q, out]
+        out = self.adapt_and_apply(self.theta(), support_x, support_y, support_mask, query_x, steps=self.eval_steps)
         if not bool(torch.isfinite(out).all()):
             raise FloatingPointError(
                 f"{self.registry_name}: the inner loop diverged on some tasks (non-finite predictions after "
@@ -507,9 +537,9 @@ class GradientLearner(Learner):
 
         ``L(theta) = mean_t L_Q_t(adapt(theta, S_t))`` (Finn et al. 2017, eq. 1).
         """
-        phi = self.adapt_tasks(self.theta(), episode.support_x, episode.support_y, episode.support_mask,
-                               steps=self.config.inner_steps)
-        loss = self.query_loss(phi, episode)
+        out = self.adapt_and_apply(self.theta(), episode.support_x, episode.support_y, episode.support_mask,
+                                   episode.query_x, steps=self.config.inner_steps, compiled=True)
+        loss = self.outputs_loss(out, episode)
         return loss, {"loss": float(loss.detach())}
 
 
@@ -673,18 +703,13 @@ class IMAML(GradientLearner):
     def proximal(self) -> float:
         return self.config.lam
 
-    def adapt_tasks(self, theta: Params, support_x: Tensor, support_y: Tensor, support_mask: Tensor | None,
-                    *, steps: int) -> Params:
-        """The inner problem of every task, by :func:`solve_proximal` (``inner_solver = bb``) or :func:`adapt`."""
+    def adapt_task(self, theta: Params, sx: Tensor, sy: Tensor, sm: Tensor | None, *, steps: int) -> Params:
+        """One task's inner problem, by :func:`solve_proximal` (``inner_solver = bb``) or :func:`adapt`."""
         c = self.config
         if c.inner_solver == "gd":
-            return super().adapt_tasks(theta, support_x, support_y, support_mask, steps=steps)
-
-        def one(sx: Tensor, sy: Tensor, sm: Tensor | None) -> Params:
-            return solve_proximal(self.net, theta, sx, sy, sm, lam=c.lam, steps=steps, lr=c.inner_lr,
-                                  classification=self.spec.is_classification)
-
-        return map_tasks(one, support_x, support_y, support_mask, batching=self.batching)
+            return super().adapt_task(theta, sx, sy, sm, steps=steps)
+        return solve_proximal(self.net, theta, sx, sy, sm, lam=c.lam, steps=steps, lr=c.inner_lr,
+                              classification=self.spec.is_classification)
 
     def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Surrogate whose gradient is the implicit meta-gradient (Rajeswaran et al. 2019, alg. 1-2).
