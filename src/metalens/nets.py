@@ -134,7 +134,8 @@ class Conv4(nn.Module):
                  fused_norm: bool = False) -> None:
         super().__init__()
         if len(in_shape) != 3:
-            raise ValueError(f"Conv4 needs image inputs (channels, height, width), got in_shape={tuple(in_shape)}")
+            raise ValueError(f"backbone 'conv4' needs image inputs [channels, height, width], got x_shape "
+                             f"{tuple(in_shape)}; use backbone 'mlp'")
         if channels < 1 or blocks < 1:
             raise ValueError(f"channels and blocks must be >= 1, got {channels} and {blocks}")
         c, h, w = in_shape

@@ -150,9 +150,6 @@ class Pretrain(Learner):
         self.global_classes = spec.is_classification and spec.train_classes is not None
         out = spec.train_classes if self.global_classes else self.out_features
         if c.backbone == "conv4":
-            if len(spec.x_shape) != 3:
-                raise ValueError(f"backbone 'conv4' needs image inputs [channels, height, width], got x_shape "
-                                 f"{spec.x_shape}; use backbone 'mlp'")
             # the fused batch-norm kernel is exact outside vmap, which is where the global-class model runs
             self.net: nn.Module = Conv4(spec.x_shape, out, channels=c.channels, fused_norm=self.global_classes)
         else:

@@ -108,9 +108,6 @@ def make_embedding(spec: TaskSpec, config: MetricConfig) -> tuple[nn.Module, int
     if backbone == "auto":
         backbone = "conv4" if len(spec.x_shape) == 3 else "mlp"
     if backbone == "conv4":
-        if len(spec.x_shape) != 3:
-            raise ValueError(f"backbone 'conv4' needs image inputs [channels, height, width], got x_shape "
-                             f"{spec.x_shape}; use backbone 'mlp'")
         # no inner loop and no vmap here: the fused batch-norm kernel is exact and faster
         net = Conv4(spec.x_shape, 0, channels=c.channels, blocks=c.blocks, fused_norm=True)
         return net, net.embedding_dim, False
