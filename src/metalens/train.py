@@ -55,7 +55,7 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the learner's meta-loss (gradient learners looping over tasks: one "
                                "task's function, reused for every task): the first step compiles it (seconds to a "
                                "minute; on CPU a C++ compiler is needed), later steps run faster (MAML on sinusoid: "
-                               "about 2x; on Conv-4: about 1.35x)")
+                               "about 2x; on Conv-4: about 1.4x)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_tasks", "log_every", "checkpoint_every"):
