@@ -81,7 +81,6 @@ class TrainConfig:
             raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:1, got {self.device!r}") \
                 from None
 
-
     def lr_at(self, step: int) -> float:
         """The outer learning rate of step ``step`` (0-based), a function of the step alone (so resuming needs no
         scheduler state)."""
@@ -236,15 +235,16 @@ def train(
                 params, config.grad_clip if config.grad_clip > 0 else math.inf)
             if not torch.isfinite(grad_norm):
                 raise TrainingDiverged(_diverged_message("meta-gradient", float(grad_norm), step, run_path, last_ckpt))
+            lr = config.lr_at(step)
             for group in optimizer.param_groups:
-                group["lr"] = config.lr_at(step)
+                group["lr"] = lr
             optimizer.step()
             done = step + 1
             running = metrics["loss"] if running is None else 0.95 * running + 0.05 * metrics["loss"]
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4g}", refresh=False)
             if log is not None and (done % config.log_every == 0 or done == config.steps):
-                row = {"step": done, **metrics, "grad_norm": float(grad_norm), "lr": config.lr_at(step),
+                row = {"step": done, **metrics, "grad_norm": float(grad_norm), "lr": lr,
                        "seconds": round(time.perf_counter() - t0, 3)}
                 log.write(json.dumps(row) + "\n")
                 log.flush()

@@ -40,16 +40,14 @@ tensor([[1]])
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution
 
 from metalens.config import opt
-from metalens.episode import Episode, TaskSpec
+from metalens.episode import TaskSpec
 from metalens.learners.base import Learner, TourPlan
 from metalens.nets import MLP, Conv4
 from metalens.registry import LEARNERS
