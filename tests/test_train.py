@@ -9,7 +9,7 @@ import torch
 
 import metalens
 from metalens import checkpoint, rng
-from metalens.run import RunConfig, RunFolderError, load_run, start_run
+from metalens.run import RunConfig, RunFolderError, ensure_trained, load_run, start_run
 from metalens.train import TrainConfig, TrainingDiverged, train
 
 
@@ -166,6 +166,10 @@ def test_resume_may_start_a_decay_where_the_constant_run_stopped(tmp_path):
         start_run(_cfg(steps=12, **decayed), tmp_path / "r", resume=True)
     with pytest.raises(RunFolderError, match="different configuration"):
         start_run(_cfg(steps=8), tmp_path / "r", resume=True)
+    # the same refusal where the caller resumes on its own (studies): no flag the user never passed
+    with pytest.raises(RunFolderError, match="different configuration") as refused:
+        ensure_trained(_cfg(steps=8), tmp_path / "r", progress=False)
+    assert "--resume" not in str(refused.value) and "choose another --out folder" in str(refused.value)
 
 
 def test_untrainable_learner_records_a_checkpoint(tmp_path):

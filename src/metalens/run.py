@@ -178,9 +178,10 @@ def _prepare_folder(config: RunConfig, path: Path, resume: bool) -> None:
                 saved.task, saved.learner, saved.task_options, saved.learner_options) != (
                 config.task, config.learner, config.task_options, config.learner_options):
             raise RunFolderError(
-                f"{path} holds a run with a different configuration; --resume continues it as it "
-                "was configured (only train.steps, train.device and train.compile may change, and a "
-                "constant learning rate may turn into a decay that starts at or after the saved train.steps)")
+                f"{path} holds a run with a different configuration; a run continues as it was configured "
+                "(only train.steps, train.device and train.compile may change, and a constant learning rate "
+                "may turn into a decay that starts at or after the saved train.steps): choose another --out "
+                "folder for a new run")
     elif path.exists() and any(path.iterdir()):
         what = "holds a run" if (path / "config.json").exists() else "is not empty"
         hint = "pass --resume to continue it, or " if what == "holds a run" else ""
