@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time the block under torch.compile (inductor)")
     args = ap.parse_args()
+    for name in ("threads", "iters", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
@@ -95,7 +98,7 @@ def main() -> None:
         x = z.contiguous(memory_format=fmt).requires_grad_()
         w, b = nw.clone().requires_grad_(), nb.clone().requires_grad_()
         y_bn = F.batch_norm(x, None, None, w, b, training=True)
-        pooled, idx = F.max_pool2d_with_indices(y_bn.detach(), 2)
+        pooled = F.max_pool2d(y_bn.detach(), 2)
         g_bn = torch.randn(y_bn.shape, generator=g).contiguous(memory_format=fmt)
         g_pool = torch.randn(pooled.shape, generator=g).contiguous(memory_format=fmt)
         yd = y_bn.detach().contiguous(memory_format=fmt).requires_grad_()
