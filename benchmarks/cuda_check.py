@@ -82,6 +82,7 @@ def main() -> int:
 
     import metalens
     from metalens.evaluate import evaluate
+    from metalens.experiments.recipes import TOUR
     from metalens.registry import LEARNERS
 
     names = args.learners or [e.name for e in LEARNERS]
@@ -89,8 +90,8 @@ def main() -> int:
     print("| learner | family | loss rel err | grad rel err | eval metric | cpu | cuda | cpu ms/step | cuda ms/step |")
     print("|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
-    cases = [(n, LEARNERS[n].cls.tour.task, LEARNERS[n].cls.tour.task_options, LEARNERS[n].cls.tour.learner_options,
-              int(LEARNERS[n].cls.tour.train.get("batch_tasks", 25))) for n in names if LEARNERS[n].cls.tour]
+    cases = [(n, TOUR[n].task, TOUR[n].task_options, TOUR[n].learner_options,
+              int(TOUR[n].train.get("batch_tasks", 25))) for n in names if n in TOUR]
     if args.omniglot:  # the Conv-4 backbone with its per-task batch norm, on real images
         conv = {"backbone": "conv4"}
         five = {"ways": 5, "shots": 1, "queries": 15}

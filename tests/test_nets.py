@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from metalens.nets import MLP, Conv4, TaskBatchNorm2d, seeded_init
+from metalens.nets import MLP, Conv4, TaskBatchNorm2d
+from metalens.rng import seeded_init
 
 SEED = 0
 

@@ -6,15 +6,22 @@ The public API; everything not listed in ``__all__`` may change between releases
 __version__ = "0.1.0"
 
 from metalens.episode import Episode, TaskSpec
+from metalens.errors import (CheckpointError, ConfigError, DataError, Interrupted, MetalensError, RunFailed,
+                             RunFolderError, TrainingDiverged)
 from metalens.evaluate import Evaluation, Metric, evaluate
 from metalens.learners.base import Learner
 from metalens.registry import LEARNERS, TASKS
 from metalens.run import Run, RunConfig, load_run, make_learner, make_task, start_run
 from metalens.tasks.base import TaskFamily
-from metalens.train import TrainConfig, TrainingDiverged, train
+from metalens.train import TrainConfig, train
+
+# the built-in task families, learners and studies register themselves on import
+from metalens import tasks as _tasks, learners as _learners, studies as _studies  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Episode", "TaskSpec", "TaskFamily", "Learner", "TASKS", "LEARNERS",
-    "make_task", "make_learner", "TrainConfig", "train", "TrainingDiverged",
+    "make_task", "make_learner", "TrainConfig", "train",
     "evaluate", "Evaluation", "Metric", "RunConfig", "Run", "start_run", "load_run",
+    "MetalensError", "ConfigError", "RunFolderError", "CheckpointError", "DataError", "RunFailed",
+    "TrainingDiverged", "Interrupted",
 ]

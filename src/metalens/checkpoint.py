@@ -37,14 +37,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from metalens.errors import CheckpointError
+
 __all__ = ["Checkpoint", "CheckpointError", "save", "load", "latest", "write_json_atomic"]
 
 FORMAT = "metalens-checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or not one of ours."""
 
 
 @dataclass

@@ -74,8 +74,8 @@ def list_cmd(name: str | None) -> None:
             docs = field_docs(e.cls.Config)
             if not docs:
                 click.echo("  (no options)")
-            for field, (default, help_) in docs.items():
-                click.echo(f"  --set {prefix}.{field}={json.dumps(default)}  {help_}")
+            for field, (default, help_, allowed) in docs.items():
+                click.echo(f"  --set {prefix}.{field}={json.dumps(default)}  {help_} [{allowed}]")
         return
     click.echo("Task families:")
     for e in TASKS:
@@ -110,7 +110,7 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
     import torch
 
     from metalens import checkpoint, distributed
-    from metalens.run import RunConfig, _read_config, start_run, train_worker
+    from metalens.run import RunConfig, resume_config, start_run, train_worker
     from metalens.train import check_device
 
     _set_threads(threads)
@@ -125,17 +125,13 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
         sec["train"]["steps"] = steps
     if seed is not None:
         sec["train"]["seed"] = seed
-    if resume and (task is None or learner is None):
-        saved = _read_config(out)  # continue as configured: fill in what was not given
-        task, learner = task or saved.task, learner or saved.learner
-        sec["task"] = {**saved.task_options, **sec["task"]}
-        sec["learner"] = {**saved.learner_options, **sec["learner"]}
-        from metalens.config import to_dict
-
-        sec["train"] = {**to_dict(saved.train), **sec["train"]}
-    if task is None or learner is None:
+    if resume:  # continue as configured: the saved configuration with what was given changed
+        cfg = resume_config(out, task=task, learner=learner, task_options=sec["task"],
+                            learner_options=sec["learner"], train_options=sec["train"])
+    elif task is None or learner is None:
         raise click.UsageError("--task and --learner are required (or name them in --config)")
-    cfg = RunConfig.resolve(task, learner, sec["task"], sec["learner"], sec["train"])
+    else:
+        cfg = RunConfig.resolve(task, learner, sec["task"], sec["learner"], sec["train"])
     progress = None if not quiet else False
     check_device(cfg.train.device)  # before the run folder is touched
     under_torchrun = distributed.init_from_env(cfg.train.device)
@@ -149,7 +145,7 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
     run = start_run(cfg, out, resume=resume)
     if nproc > 1:
         try:
-            distributed.launch(nproc, train_worker, (cfg.to_json(), str(out), resume, progress),
+            distributed.launch(nproc, train_worker, (cfg, str(out), resume, progress),
                                device=cfg.train.device, threads=torch.get_num_threads())
         except distributed.LaunchError as e:
             try:
@@ -163,7 +159,7 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
     if distributed.world().is_writer:
         last = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         how = f" on {world} processes" if world > 1 else ""
-        click.echo(f"trained {learner} on {task}{how}: {cfg.train.steps} steps in {time.perf_counter() - t0:.1f}s"
+        click.echo(f"trained {cfg.learner} on {cfg.task}{how}: {cfg.train.steps} steps in {time.perf_counter() - t0:.1f}s"
                    + (f" (last: {last})" if last else "") + f"; run folder {out}")
         click.echo(f"evaluate it with: metalens eval {out}")
 
@@ -246,8 +242,8 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     entry = STUDIES[name]
     if help_options:
         click.echo(f"{name}: {entry.summary}")
-        for field, (default, help_) in field_docs(entry.cls.Config).items():
-            click.echo(f"  {set_arg(field, default)}  {help_}")
+        for field, (default, help_, allowed) in field_docs(entry.cls.Config).items():
+            click.echo(f"  {set_arg(field, default)}  {help_} [{allowed}]")
         return
     sec = _collect(None, sets)
     if sec["task"] or sec["learner"] or sec["train"]:

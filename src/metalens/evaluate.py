@@ -23,6 +23,7 @@ from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from metalens.episode import Episode
+from metalens.functional import task_mean
 from metalens.learners.base import Learner
 from metalens.tasks.base import Split, TaskFamily
 
@@ -66,13 +67,6 @@ def default_episodes(family: TaskFamily) -> int:
     return 600 if family.spec.is_classification else 1000
 
 
-def _task_mean(values: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is None:
-        return values.mean(-1)
-    m = mask.to(values.dtype)
-    return (values * m).sum(-1) / m.sum(-1)
-
-
 def score(dist: Distribution, episode: Episode, *, with_nll: bool) -> dict[str, Tensor]:
     """Per-task metrics ``{name: [T]}`` of a predictive distribution on an episode's queries."""
     y, mask = episode.query_y, episode.query_mask
@@ -80,12 +74,12 @@ def score(dist: Distribution, episode: Episode, *, with_nll: bool) -> dict[str, 
     if episode.is_classification:
         probs = dist.probs if hasattr(dist, "probs") else None
         pred = probs.argmax(-1) if probs is not None else dist.mean.argmax(-1)
-        out["accuracy"] = _task_mean((pred == y).to(torch.float64), mask)
-        out["nll"] = _task_mean(-dist.log_prob(y).to(torch.float64), mask)
+        out["accuracy"] = task_mean((pred == y).to(torch.float64), mask)
+        out["nll"] = task_mean(-dist.log_prob(y).to(torch.float64), mask)
     else:
-        out["mse"] = _task_mean(((dist.mean - y) ** 2).mean(-1).to(torch.float64), mask)
+        out["mse"] = task_mean(((dist.mean - y) ** 2).mean(-1).to(torch.float64), mask)
         if with_nll:
-            out["nll"] = _task_mean(-dist.log_prob(y).sum(-1).to(torch.float64), mask)
+            out["nll"] = task_mean(-dist.log_prob(y).sum(-1).to(torch.float64), mask)
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-__all__ = ["Params", "stack_params", "task_apply", "point_losses", "fit_per_task"]
+__all__ = ["Params", "stack_params", "task_apply", "point_losses", "task_mean", "fit_per_task"]
 
 Params = dict[str, Tensor]
 
@@ -38,8 +38,15 @@ def point_losses(out: Tensor, y: Tensor, *, classification: bool) -> Tensor:
     return ((out - y) ** 2).mean(-1)
 
 
-def _masked_task_mean(values: Tensor, mask: Tensor | None) -> Tensor:
-    """``values [T, P]`` -> per-task mean over valid points ``[T]``."""
+def task_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Each task's mean over its real points: ``values, mask [..., P]`` -> ``[...]`` (padded points weigh nothing).
+
+    The one masked mean of metalens: losses and metrics average each task's real points with
+    it, then (where a scalar is needed) average the tasks, so that every task weighs the same.
+
+    >>> task_mean(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[True, True, False]]))
+    tensor([2.])
+    """
     if mask is None:
         return values.mean(-1)
     m = mask.to(values.dtype)
@@ -81,7 +88,7 @@ def fit_per_task(
     with torch.enable_grad():
         for step in range(steps):
             out = task_apply(net, params, support_x)
-            per_task = _masked_task_mean(point_losses(out, support_y, classification=classification), support_mask)
+            per_task = task_mean(point_losses(out, support_y, classification=classification), support_mask)
             opt.zero_grad(set_to_none=True)
             per_task.sum().backward()  # independent tasks: each slice gets its own gradient
             opt.step()

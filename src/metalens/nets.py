@@ -14,16 +14,16 @@ torch.Size([3, 7, 1])
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalens import rng
 
-__all__ = ["MLP", "Conv4", "TaskBatchNorm2d", "ACTIVATIONS", "seeded_init"]
+__all__ = ["MLP", "Conv4", "TaskBatchNorm2d", "ACTIVATIONS", "in_context_attention", "TransformerBlock",
+           "MultiheadAttention", "SelfAttentionBlock"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -172,14 +172,134 @@ class Conv4(nn.Module):
         return z.reshape(*lead, -1)
 
 
-@contextlib.contextmanager
-def seeded_init(seed: int) -> Iterator[None]:
-    """Build modules with initial weights that depend only on ``seed``.
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+def in_context_attention(q: Tensor, k: Tensor, v: Tensor, n_context: int, context_allowed: Tensor | None,
+                         query_allowed: Tensor | None) -> Tensor:
+    """Scaled dot-product attention over ``n_context`` context tokens followed by query tokens.
 
-    PyTorch's layer initialisers draw from the global generator; inside this
-    context that generator is forked, seeded from ``(seed, Stream.INIT)`` and
-    restored afterwards, so nothing outside observes the draw.
+    ``q, k, v [T, H, S + Q, d_h]``: the first ``S = n_context`` tokens are the context
+    (support points), the last ``Q`` the queries. With ``a_ij = q_i . k_j / sqrt(d_h)``::
+
+        context token i: softmax over { a_ij : j context, context_allowed[i, j] or j = i }
+        query token t:   softmax over { a_tj : j context, query_allowed[t, j] }  U  { a_tt }
+
+    so a query attends to the allowed context tokens and to itself, never to another
+    query, and a context token always attends at least to itself. Disallowed keys get
+    exactly zero weight.
+
+    Args:
+        context_allowed: bool ``[T | 1, S, S]`` or None (every context token allowed).
+        query_allowed: bool ``[T | 1, Q, S]`` or None (every context token allowed).
+
+    Returns:
+        ``[T, H, S + Q, d_h]``.
+
+    >>> q = k = v = torch.randn(2, 1, 5, 4)
+    >>> out = in_context_attention(q, k, v, 3, None, None)
+    >>> v2 = v.clone(); v2[:, :, 4] += 1.0  # change the second query's value
+    >>> torch.equal(out[:, :, :4], in_context_attention(q, k, v2, 3, None, None)[:, :, :4])
+    True
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.derive_seed(seed, rng.Stream.INIT))
-        yield
+    S = n_context
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    kc, vc = k[:, :, :S], v[:, :, :S]
+    mask = None
+    if context_allowed is not None:
+        eye = torch.eye(S, dtype=torch.bool, device=q.device)
+        mask = (context_allowed | eye)[:, None]  # [T|1, 1, S, S]
+    out_c = F.scaled_dot_product_attention(q[:, :, :S], kc, vc, attn_mask=mask)  # [T, H, S, d_h]
+    qq, kq, vq = q[:, :, S:], k[:, :, S:], v[:, :, S:]
+    s_ctx = (qq @ kc.transpose(-1, -2)) * scale  # [T, H, Q, S]
+    if query_allowed is not None:
+        s_ctx = s_ctx.masked_fill(~query_allowed[:, None], float("-inf"))
+    s_self = (qq * kq).sum(-1, keepdim=True) * scale  # [T, H, Q, 1]: each query's own key
+    p = torch.softmax(torch.cat([s_ctx, s_self], -1), -1)
+    out_q = p[..., :S] @ vc + p[..., S:] * vq  # [T, H, Q, d_h]
+    return torch.cat([out_c, out_q], 2)
+
+
+class TransformerBlock(nn.Module):
+    """A pre-LayerNorm transformer block with :func:`in_context_attention`.
+
+    ``h <- h + W_o attn(LN(h));  h <- h + MLP(LN(h))`` with a GELU MLP of width
+    ``mlp_ratio * dim``. ``forward(h [T, S + Q, dim], n_context, context_allowed,
+    query_allowed) -> [T, S + Q, dim]``.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, h: Tensor, n_context: int, context_allowed: Tensor | None,
+                query_allowed: Tensor | None) -> Tensor:
+        T, N, D = h.shape
+        qkv = self.qkv(self.norm1(h)).view(T, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [T, H, N, d_h]
+        a = in_context_attention(q, k, v, n_context, context_allowed, query_allowed)
+        h = h + self.proj(a.transpose(1, 2).reshape(T, N, D))
+        return h + self.mlp(self.norm2(h))
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head scaled dot-product attention with a mask over the keys (Vaswani et al. 2017, sec. 3.2).
+
+    For each head ``h`` (``heads`` of them, ``d_h = dim / heads``)::
+
+        head_h = softmax( (q W_q^h) (k W_k^h)^T / sqrt(d_h) ) (v W_v^h)
+        out    = concat_h(head_h) W_o + b_o
+
+    ``forward(q [T, Q, dq], k [T, S, dk], v [T, S, dv], mask [T, S] | None) -> [T, Q, dim]``.
+    Masked keys (``False``) get exactly zero weight; a query whose keys are all
+    masked attends to nothing (its heads are zero, the output is ``b_o``).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, value_dim: int, dim: int, heads: int) -> None:
+        super().__init__()
+        if heads < 1 or dim % heads != 0:
+            raise ValueError(f"heads must be >= 1 and divide the width {dim}, got heads={heads}")
+        self.heads = heads
+        self.w_q = nn.Linear(query_dim, dim, bias=False)
+        self.w_k = nn.Linear(key_dim, dim, bias=False)
+        self.w_v = nn.Linear(value_dim, dim, bias=False)
+        self.w_o = nn.Linear(dim, dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        T, Q = q.shape[:2]
+
+        def split(t: Tensor) -> Tensor:  # [T, P, dim] -> [T, heads, P, d_h]
+            return t.view(T, t.shape[1], self.heads, -1).transpose(1, 2)
+
+        qh, kh, vh = split(self.w_q(q)), split(self.w_k(k)), split(self.w_v(v))
+        keep = None
+        if mask is not None:
+            vh = torch.where(mask[:, None, :, None], vh, 0.0)  # padded values never reach a sum
+            # A task with no real key attends uniformly to its (zeroed) values: heads are 0, not 0/0.
+            keep = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]  # [T, 1, 1, S]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep)  # [T, heads, Q, d_h]
+        out = out.transpose(1, 2).reshape(T, Q, -1)  # [T, Q, dim]
+        return self.w_o(out)
+
+
+class SelfAttentionBlock(nn.Module):
+    """``H = LN(X + MHA(X, X, X)); out = LN(H + relu(H W + b))`` over a set (Lee et al. 2019, MAB).
+
+    ``forward(x [T, P, dim], mask [T, P] | None) -> [T, P, dim]``. Padded points are
+    never attended to; their own outputs are meaningless and must stay masked.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attention = MultiheadAttention(dim, dim, dim, dim, heads)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ff = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        h = self.norm1(x + self.attention(x, x, x, mask))
+        return self.norm2(h + F.relu(self.ff(h)))

@@ -1,5 +1,11 @@
-"""Name -> constructor registries for task families and learners.
+"""Name -> class registries for task families, learners and studies.
 
+The registries import nothing of metalens but its errors: the built-in families,
+learners and studies register themselves with the ``register`` decorator when their
+modules are imported, which ``metalens/__init__.py`` does (so ``import metalens`` or any
+``from metalens... import`` fills them). A user's own class registers the same way.
+
+>>> import metalens
 >>> from metalens.registry import TASKS
 >>> "sinusoid" in TASKS
 True
@@ -11,12 +17,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from metalens.errors import ConfigError
+
 __all__ = ["Entry", "Registry", "TASKS", "LEARNERS", "STUDIES", "UnknownName"]
 
 T = TypeVar("T")
 
 
-class UnknownName(KeyError):
+class UnknownName(ConfigError, KeyError):
     """A name that no registry entry has; the message lists the known names."""
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want a sentence
@@ -51,7 +59,6 @@ class Registry(Generic[T]):
         return deco
 
     def __getitem__(self, name: str) -> Entry[T]:
-        _ensure_loaded()
         try:
             return self._entries[name]
         except KeyError:
@@ -59,33 +66,15 @@ class Registry(Generic[T]):
             raise UnknownName(f"unknown {self.what} {name!r}; known: {known}") from None
 
     def __contains__(self, name: object) -> bool:
-        _ensure_loaded()
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry[T]]:
-        _ensure_loaded()
         return iter(list(self._entries.values()))
 
     def names(self) -> list[str]:
-        _ensure_loaded()
         return list(self._entries)
 
 
 TASKS: Registry[Any] = Registry("task family")
 LEARNERS: Registry[Any] = Registry("learner")
-STUDIES: Registry[Any] = Registry("study")  # filled by metalens.studies
-
-_loaded = False
-
-
-def _ensure_loaded() -> None:
-    """Import the modules that register the built-in families and learners."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import metalens.learners  # noqa: F401
-    import metalens.studies
-    import metalens.tasks  # noqa: F401
-
-    metalens.studies._load()
+STUDIES: Registry[Any] = Registry("study")

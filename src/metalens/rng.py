@@ -18,12 +18,14 @@ False
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["Stream", "derive_seed", "generator"]
+__all__ = ["Stream", "derive_seed", "generator", "seeded_init"]
 
 
 class Stream(enum.IntEnum):
@@ -55,3 +57,16 @@ def generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(*keys))
     return g
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build modules with initial weights that depend only on ``seed``.
+
+    PyTorch's layer initialisers draw from the global generator; inside this
+    context that generator is forked, seeded from ``(seed, Stream.INIT)`` and
+    restored afterwards, so nothing outside observes the draw.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, Stream.INIT))
+        yield

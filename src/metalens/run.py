@@ -24,48 +24,54 @@ import torch
 
 from metalens import __version__, checkpoint, distributed
 from metalens.config import ConfigError, from_dict, to_dict
+from metalens.errors import RunFolderError
 from metalens.episode import TaskSpec
 from metalens.evaluate import Evaluation, evaluate
 from metalens.learners.base import Learner
-from metalens.nets import seeded_init
+from metalens.rng import seeded_init
 from metalens.registry import LEARNERS, TASKS
 from metalens.tasks.base import TaskFamily
 from metalens.train import TrainConfig, TrainResult, train
 
 __all__ = ["RunConfig", "Run", "RunFolderError", "make_task", "make_learner", "start_run", "load_run",
-           "ensure_trained"]
-
-
-class RunFolderError(ValueError):
-    """A run folder cannot be used as asked (it holds another run, or no run)."""
+           "ensure_trained", "resume_config"]
 
 
 def make_task(name: str, **options: Any) -> TaskFamily:
     """Build the task family ``name`` with ``options`` (its ``Config`` fields)."""
     entry = TASKS[name]
-    return entry.cls(from_dict(entry.cls.Config, options))
+    return entry.cls(from_dict(entry.cls.Config, options, prefix="task.", where=f"task {name!r}"))
 
 
 def make_learner(name: str, task: TaskFamily | TaskSpec, *, seed: int = 0, **options: Any) -> Learner:
     """Build learner ``name`` for a task family (or its spec); initial weights depend on ``seed`` only."""
     entry = LEARNERS[name]
-    spec = task.spec if isinstance(task, TaskFamily) else task
-    config = from_dict(entry.cls.Config, options)
+    return _build_learner(name, task.spec if isinstance(task, TaskFamily) else task,
+                          from_dict(entry.cls.Config, options, prefix="learner.", where=f"learner {name!r}"), seed)
+
+
+def _build_learner(name: str, spec: TaskSpec, config: Any, seed: int) -> Learner:
     with seeded_init(seed):
         try:
-            return entry.cls(spec, config)
-        except ValueError as e:
+            return LEARNERS[name].cls(spec, config)
+        except ConfigError:
+            raise
+        except ValueError as e:  # an option that does not fit the family (e.g. conv4 on vector inputs)
             raise ConfigError(f"learner {name!r}: {e}") from None
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines a run; saved as ``config.json`` in the run folder."""
+    """Everything that defines a run, typed: the family's and the learner's options and the trainer's.
+
+    Built once from untrusted dicts by :meth:`resolve` (or :meth:`from_json`), serialised only at
+    the edges (``config.json``, the command line) by :meth:`to_json`.
+    """
 
     task: str
     learner: str
-    task_options: dict[str, Any]
-    learner_options: dict[str, Any]
+    task_config: Any  # an instance of TASKS[task].cls.Config
+    learner_config: Any  # an instance of LEARNERS[learner].cls.Config
     train: TrainConfig
 
     @classmethod
@@ -73,16 +79,27 @@ class RunConfig:
                 learner_options: dict[str, Any] | None = None,
                 train_options: dict[str, Any] | None = None) -> RunConfig:
         """Validate names and options and fill in every default."""
-        parts = []
-        for what, cfg_cls, opts in (("task " + repr(task), TASKS[task].cls.Config, task_options),
-                                    ("learner " + repr(learner), LEARNERS[learner].cls.Config, learner_options),
-                                    ("train", TrainConfig, train_options)):
-            try:
-                parts.append(from_dict(cfg_cls, opts or {}))
-            except ConfigError as e:
-                raise ConfigError(f"{what}: {e}") from None
-        t_cfg, l_cfg, tr_cfg = parts
-        return cls(task, learner, to_dict(t_cfg), to_dict(l_cfg), tr_cfg)
+        t_cls, l_cls = TASKS[task].cls.Config, LEARNERS[learner].cls.Config
+        return cls(task, learner,
+                   from_dict(t_cls, task_options, prefix="task.", where=f"task {task!r}"),
+                   from_dict(l_cls, learner_options, prefix="learner.", where=f"learner {learner!r}"),
+                   from_dict(TrainConfig, train_options, prefix="train.", where="train"))
+
+    @property
+    def task_options(self) -> dict[str, Any]:
+        """The family's options as a JSON-ready dict."""
+        return to_dict(self.task_config)
+
+    @property
+    def learner_options(self) -> dict[str, Any]:
+        """The learner's options as a JSON-ready dict."""
+        return to_dict(self.learner_config)
+
+    def updated(self, *, task: dict[str, Any] | None = None, learner: dict[str, Any] | None = None,
+                train: dict[str, Any] | None = None) -> RunConfig:
+        """This configuration with some options changed (each dict: option -> new value), validated again."""
+        return self.resolve(self.task, self.learner, {**self.task_options, **(task or {})},
+                            {**self.learner_options, **(learner or {})}, {**to_dict(self.train), **(train or {})})
 
     def to_json(self) -> dict[str, Any]:
         return {"metalens": __version__,
@@ -91,16 +108,20 @@ class RunConfig:
                 "train": to_dict(self.train)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunConfig:
-        try:
-            t, l_, tr = dict(data["task"]), dict(data["learner"]), dict(data["train"])
-            return cls.resolve(t.pop("name"), l_.pop("name"), t, l_, tr)
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"config.json lacks {e}") from None
+    def from_json(cls, data: Any) -> RunConfig:
+        """The configuration saved in a ``config.json`` (refused with a :class:`ConfigError` if malformed)."""
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("task", "learner", "train")):
+            raise ConfigError("config.json must hold the tables task, learner and train")
+        t, l_, tr = dict(data["task"]), dict(data["learner"]), dict(data["train"])
+        task, learner = t.pop("name", None), l_.pop("name", None)
+        if not isinstance(task, str) or not isinstance(learner, str):
+            raise ConfigError("config.json must name the task family (task.name) and the learner (learner.name)")
+        return cls.resolve(task, learner, t, l_, tr)
 
     def build(self) -> tuple[TaskFamily, Learner]:
-        family = make_task(self.task, **self.task_options)
-        return family, make_learner(self.learner, family, seed=self.train.seed, **self.learner_options)
+        """The family and the learner (initial weights from ``train.seed``)."""
+        family = TASKS[self.task].cls(self.task_config)
+        return family, _build_learner(self.learner, family.spec, self.learner_config, self.train.seed)
 
 
 @dataclass
@@ -132,7 +153,25 @@ def _read_config(path: Path) -> RunConfig:
         raise RunFolderError(f"{path} is not a metalens run folder (no config.json)") from None
     except json.JSONDecodeError as e:
         raise RunFolderError(f"{cfg_file} is not valid JSON: {e}") from None
-    return RunConfig.from_json(data)
+    try:
+        return RunConfig.from_json(data)
+    except ConfigError as e:
+        raise RunFolderError(f"{cfg_file}: {e}") from None
+
+
+def resume_config(path: str | Path, *, task: str | None = None, learner: str | None = None,
+                  task_options: dict[str, Any] | None = None, learner_options: dict[str, Any] | None = None,
+                  train_options: dict[str, Any] | None = None) -> RunConfig:
+    """The configuration the run in ``path`` continues with: the saved one, with the options given changed.
+
+    :func:`start_run` (``resume=True``) then refuses changes other than those a resumed run may make.
+    """
+    saved = _read_config(Path(path))
+    for what, given, have in (("task family", task, saved.task), ("learner", learner, saved.learner)):
+        if given is not None and given != have:
+            raise RunFolderError(f"{path} holds a run of {what} {have!r}, not {given!r}; a run continues as it "
+                                 "was configured: choose another --out folder for a new run")
+    return saved.updated(task=task_options, learner=learner_options, train=train_options)
 
 
 def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False) -> Run:
@@ -175,8 +214,8 @@ def _prepare_folder(config: RunConfig, path: Path, resume: bool) -> None:
         if saved.train.constant_through(saved.train.steps) and new.constant_through(saved.train.steps):
             free.update(steps=new.steps, lr_schedule=new.lr_schedule, lr_decay_start=new.lr_decay_start)
         if replace(saved.train, **free) != new or (
-                saved.task, saved.learner, saved.task_options, saved.learner_options) != (
-                config.task, config.learner, config.task_options, config.learner_options):
+                saved.task, saved.learner, saved.task_config, saved.learner_config) != (
+                config.task, config.learner, config.task_config, config.learner_config):
             raise RunFolderError(
                 f"{path} holds a run with a different configuration; a run continues as it was configured "
                 "(only train.steps, train.device and train.compile may change, and a constant learning rate "
@@ -203,9 +242,8 @@ def ensure_trained(config: RunConfig, out: str | Path, *, progress: bool | None 
     return run
 
 
-def train_worker(config_json: dict[str, Any], out: str | None, resume: bool, progress: bool | None) -> None:
+def train_worker(cfg: RunConfig, out: str | None, resume: bool, progress: bool | None) -> None:
     """One process of a multi-process run (the target of :func:`metalens.distributed.launch`)."""
-    cfg = RunConfig.from_json(config_json)
     family, learner = cfg.build()
     train(learner, family, cfg.train, run_dir=out, resume=resume, progress=progress)
 
@@ -219,9 +257,7 @@ def load_run(path: str | Path, *, task_options: dict[str, Any] | None = None,
     that would change the parameters' shapes is refused.
     """
     path = Path(path)
-    saved = _read_config(path)
-    cfg = RunConfig.resolve(saved.task, saved.learner, {**saved.task_options, **(task_options or {})},
-                            {**saved.learner_options, **(learner_options or {})}, to_dict(saved.train))
+    cfg = _read_config(path).updated(task=task_options, learner=learner_options)
     family, learner = cfg.build()
     ckpt = checkpoint.load(checkpoint.latest(path))
     missing, unexpected = _compare_state(learner, ckpt.model)

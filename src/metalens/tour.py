@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metalens.evaluate import Evaluation
+from metalens.experiments.recipes import TOUR
 from metalens.registry import LEARNERS
 from metalens.report import plot_decision_regions, plot_regression_tasks, write_report
 from metalens.run import Run, RunConfig, RunFolderError, ensure_trained
@@ -38,16 +39,16 @@ def tour(
     every training budget (e.g. 0.01 for a smoke test).
     """
     out = Path(out)
-    names = list(learners) if learners is not None else [e.name for e in LEARNERS if e.cls.tour is not None]
+    names = list(learners) if learners is not None else list(TOUR)
     for n in names:
-        if LEARNERS[n].cls.tour is None:
+        if n not in TOUR:
             raise ValueError(f"learner {n!r} has no tour plan")
     if steps_scale <= 0:
         raise ValueError(f"steps_scale must be > 0, got {steps_scale}")
     by_task: dict[tuple[str, tuple], list[tuple[str, Run, Evaluation]]] = {}
     timings: dict[str, dict[str, float]] = {}
     for name in names:
-        plan = LEARNERS[name].cls.tour
+        plan = TOUR[name]
         train_opts: dict[str, Any] = dict(plan.train)
         if "steps" in train_opts:
             train_opts["steps"] = max(1, round(train_opts["steps"] * steps_scale))

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from metalens import checkpoint, distributed, rng
 from metalens.config import opt
+from metalens.errors import TrainingDiverged
 from metalens.learners.base import Learner
 from metalens.tasks.base import TaskFamily
 
@@ -110,10 +111,6 @@ def check_device(device: str) -> None:
             raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif d.type not in ("cpu", "mps", "xpu", "meta"):
         raise ConfigError(f"device {device!r} is not supported; use cpu or cuda")
-
-
-class TrainingDiverged(RuntimeError):
-    """The meta-loss or meta-gradient became non-finite; training stopped."""
 
 
 @dataclass

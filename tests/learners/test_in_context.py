@@ -15,7 +15,8 @@ from metalens.cli import main
 from metalens.config import ConfigError
 from metalens.episode import Episode
 from metalens.evaluate import evaluate
-from metalens.learners.in_context import InContextLSTM, InContextTransformer, in_context_attention
+from metalens.learners.in_context import InContextLSTM, InContextTransformer
+from metalens.nets import in_context_attention
 
 torch.set_num_threads(1)
 
@@ -237,7 +238,7 @@ def test_options_are_checked():
     family = metalens.make_task("sinusoid")
     with pytest.raises(ConfigError, match="heads must divide dim"):
         metalens.make_learner("transformer", family, dim=10, heads=4)
-    with pytest.raises(ConfigError, match="'mode' must be one of"):
+    with pytest.raises(ConfigError, match="learner.mode must be one of"):
         metalens.make_learner("transformer", family, mode="causal")
     with pytest.raises(ValueError, match="hidden must be >= 1"):
         InContextLSTM.Config(hidden=0)

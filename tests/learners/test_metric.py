@@ -201,9 +201,3 @@ def test_decision_region_figure(tmp_path):
     assert path.exists() and path.stat().st_size > 1000
     with pytest.raises(ValueError, match="2-D classification"):
         plot_decision_regions(tmp_path / "x.png", image_episode(), {"p": learner.predict})
-
-
-def test_tour_plans_use_clusters():
-    for name in ("protonet", "matching"):
-        plan = metalens.LEARNERS[name].cls.tour
-        assert plan is not None and plan.task == "clusters" and plan.train["steps"] <= 500

@@ -28,18 +28,9 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
 
 from metalens.episode import Episode, TaskSpec
+from metalens.functional import task_mean
 
-__all__ = ["Learner", "TourPlan", "masked_mean", "query_loss"]
-
-
-@dataclass(frozen=True)
-class TourPlan:
-    """How ``metalens tour`` shows a learner: its canonical family and a small budget."""
-
-    task: str
-    task_options: dict[str, Any] = field(default_factory=dict)
-    learner_options: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (steps, batch_tasks, lr...)
+__all__ = ["Learner", "masked_mean", "query_loss"]
 
 
 def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -48,10 +39,7 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     Every task weighs the same whatever its number of points, which also makes a
     batch split over processes average back to exactly the same loss.
     """
-    if mask is None:
-        return values.mean()
-    m = mask.to(values.dtype)
-    return ((values * m).sum(-1) / m.sum(-1)).mean()
+    return task_mean(values, mask).mean()
 
 
 def query_loss(dist: Distribution, y: Tensor, mask: Tensor | None, *, kind: str, mse: bool) -> Tensor:
@@ -79,19 +67,12 @@ class Learner(nn.Module, ABC):
     - ``probabilistic``: True when ``predict``'s distribution is a real predictive
       (its NLL is reported); False for MSE-trained regressors whose Normal only
       carries the mean.
-    - ``tour``: the learner's canonical family and small budget for ``metalens tour``.
-    - ``adaptation_steps_option``: the config field holding the number of
-      gradient steps ``predict`` takes, for learners that adapt by steps.
     """
 
     Config: ClassVar[type]
     registry_name: ClassVar[str]
     trainable: ClassVar[bool] = True
     probabilistic: ClassVar[bool] = False
-    tour: ClassVar[TourPlan | None] = None
-    # The config field that sets how many adaptation steps ``predict`` takes (None:
-    # the learner does not adapt by steps); studies vary it at evaluation time.
-    adaptation_steps_option: ClassVar[str | None] = None
 
     def __init__(self, spec: TaskSpec, config: Any) -> None:
         super().__init__()

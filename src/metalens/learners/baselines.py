@@ -20,13 +20,11 @@ from torch.distributions import Distribution
 from metalens.config import opt
 from metalens.episode import Episode, TaskSpec
 from metalens.functional import fit_per_task, point_losses, task_apply
-from metalens.learners.base import Learner, TourPlan, masked_mean
+from metalens.learners.base import Learner, masked_mean
 from metalens.nets import ACTIVATIONS, MLP, Conv4
 from metalens.registry import LEARNERS
 
 __all__ = ["Oracle", "Scratch", "Pretrain"]
-
-_SINUSOID_TOUR_TRAIN = {"steps": 2000, "batch_tasks": 25, "lr": 1e-3}
 
 
 def _check_net_options(hidden: tuple[int, ...], activation: str) -> None:
@@ -46,7 +44,6 @@ class Oracle(Learner):
 
     trainable = False
     probabilistic = True
-    tour = TourPlan(task="sinusoid")
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())
@@ -80,8 +77,6 @@ class Scratch(Learner):
                 raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
 
     trainable = False
-    tour = TourPlan(task="sinusoid")
-    adaptation_steps_option = "steps"
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())
@@ -141,8 +136,6 @@ class Pretrain(Learner):
             if self.finetune_optimizer not in ("adam", "sgd"):
                 raise ValueError(f"finetune_optimizer must be 'adam' or 'sgd', got {self.finetune_optimizer!r}")
 
-    tour = TourPlan(task="sinusoid", train=_SINUSOID_TOUR_TRAIN)
-    adaptation_steps_option = "finetune_steps"
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())

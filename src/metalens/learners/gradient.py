@@ -52,8 +52,8 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from metalens.config import opt
 from metalens.episode import Episode, TaskSpec
-from metalens.functional import Params, point_losses
-from metalens.learners.base import Learner, TourPlan, query_loss
+from metalens.functional import Params, point_losses, task_mean
+from metalens.learners.base import Learner, query_loss
 from metalens.nets import ACTIVATIONS, MLP, Conv4
 from metalens.registry import LEARNERS
 
@@ -100,11 +100,7 @@ def support_loss(net: nn.Module, params: Params, x: Tensor, y: Tensor, mask: Ten
     Squared error (mean over output dims) for regression, cross-entropy for
     classification; padded points (``mask == False``) weigh nothing.
     """
-    per_point = point_losses(functional_call(net, params, (x,)), y, classification=classification)  # [P]
-    if mask is None:
-        return per_point.mean()
-    m = mask.to(per_point.dtype)
-    return (per_point * m).sum() / m.sum()
+    return task_mean(point_losses(functional_call(net, params, (x,)), y, classification=classification), mask)
 
 
 def support_grad(net: nn.Module, params: Params, x: Tensor, y: Tensor, mask: Tensor | None, *,
@@ -403,16 +399,6 @@ class GradientConfig:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
 
 
-def _tour_train(steps: int) -> dict[str, Any]:
-    """Finn et al.'s sinusoid protocol (outer Adam, lr 1e-3, 25 tasks a step) on a budget of
-    ``steps``, chosen so that each learner trains in well under a minute on one CPU thread
-    (measured: about 4 ms a step for MAML, 6 for Reptile, 35 for iMAML)."""
-    return {"steps": steps, "batch_tasks": 25, "lr": 1e-3}
-
-
-_FINN_SINUSOID = {"hidden": [40, 40], "inner_lr": 0.01, "inner_steps": 1, "eval_inner_steps": 10}
-
-
 class GradientLearner(Learner):
     """The shell shared by the gradient learners: the backbone ``net`` (its parameters are
     ``theta``), the batching of :func:`adapt` over tasks, and ``predict``.
@@ -421,8 +407,6 @@ class GradientLearner(Learner):
     ``adapted`` (names of the parameters the inner loop changes; None: all) and
     ``first_order`` / ``proximal`` (passed to :func:`adapt`), plus its ``meta_loss``.
     """
-
-    adaptation_steps_option = "eval_inner_steps"
 
     first_order: bool = False
 
@@ -548,7 +532,6 @@ class MAML(GradientLearner):
     """MAML: learned initialisation, second-order meta-gradient through the inner steps (Finn et al. 2017)."""
 
     Config = GradientConfig
-    tour = TourPlan(task="sinusoid", learner_options=_FINN_SINUSOID, train=_tour_train(2000))
 
 
 @LEARNERS.register("fomaml")
@@ -557,7 +540,6 @@ class FOMAML(GradientLearner):
 
     Config = GradientConfig
     first_order = True
-    tour = TourPlan(task="sinusoid", learner_options=_FINN_SINUSOID, train=_tour_train(2000))
 
 
 @dataclass(frozen=True)
@@ -572,8 +554,6 @@ class MetaSGD(GradientLearner):
     """Meta-SGD: MAML with a meta-learned inner learning rate per parameter element (Li et al. 2017)."""
 
     Config = MetaSGDConfig
-    tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "eval_inner_steps": None},
-                    train=_tour_train(2000))
 
     def __init__(self, spec: TaskSpec, config: MetaSGDConfig | None = None) -> None:
         super().__init__(spec, config)
@@ -594,9 +574,6 @@ class ANIL(GradientLearner):
     """ANIL: only the head is adapted in the inner loop; the body is meta-trained (Raghu et al. 2020)."""
 
     Config = GradientConfig
-    # 3 inner steps in training: with Finn's single step the learned features make 10 head steps
-    # of rate 0.01 diverge on a few held-out tasks (measured on the tour)
-    tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "inner_steps": 3}, train=_tour_train(2000))
 
     def __init__(self, spec: TaskSpec, config: GradientConfig | None = None) -> None:
         super().__init__(spec, config)
@@ -623,8 +600,6 @@ class Reptile(GradientLearner):
     """Reptile: move the initialisation toward the parameters adapted to each task (Nichol et al. 2018)."""
 
     Config = ReptileConfig
-    tour = TourPlan(task="sinusoid", learner_options={**_FINN_SINUSOID, "inner_steps": 5},
-                    train=_tour_train(1500))
 
     def __init__(self, spec: TaskSpec, config: ReptileConfig | None = None) -> None:
         super().__init__(spec, config)
@@ -691,10 +666,6 @@ class IMAML(GradientLearner):
 
     Config = IMAMLConfig
     # ~35 ms a step: a smaller budget; rare meta-gradient spikes (where H is indefinite) are clipped
-    tour = TourPlan(task="sinusoid",
-                    learner_options={"hidden": [40, 40], "inner_lr": 0.01, "inner_steps": 10, "lam": 1.0,
-                                     "eval_inner_steps": 10},
-                    train={**_tour_train(300), "grad_clip": 10.0})
 
     def __init__(self, spec: TaskSpec, config: IMAMLConfig | None = None) -> None:
         super().__init__(spec, config)

@@ -12,7 +12,7 @@ Transformers" (GPICL).
     Support points enter as tokens ``e_x(x_i) + e_y(y_i)``, each query as a token
     ``e_x(x_q) + e_?`` (a learned "target unknown" vector). Pre-LayerNorm
     transformer blocks (Vaswani et al. 2017; Xiong et al. 2020) with this attention
-    pattern (:func:`in_context_attention`)::
+    pattern (:func:`metalens.nets.in_context_attention`)::
 
         support token i  attends to every real support token (and to itself)
         query token q    attends to every real support token and to itself, never to another query
@@ -85,90 +85,12 @@ from torch.distributions import Categorical, Distribution, Normal
 
 from metalens.config import opt
 from metalens.episode import Episode, TaskSpec
-from metalens.learners.base import Learner, TourPlan, query_loss
+from metalens.learners.base import Learner, query_loss
+from metalens.nets import TransformerBlock
 from metalens.registry import LEARNERS
 
-__all__ = ["in_context_attention", "Block", "InContextTransformer", "InContextLSTM"]
+__all__ = ["InContextTransformer", "InContextLSTM"]
 
-# The tour's budgets on sinusoid (10 shots), measured on one CPU thread: transformer ~45 ms a step
-# (~1.5 min), lstm ~10 ms a step (~30 s).
-_TRANSFORMER_TOUR_TRAIN = {"steps": 600, "batch_tasks": 32, "lr": 1e-3, "grad_clip": 1.0}
-_LSTM_TOUR_TRAIN = {"steps": 1500, "batch_tasks": 32, "lr": 1e-3, "grad_clip": 1.0}
-
-
-# --------------------------------------------------------------------------------------------
-# Attention with the in-context pattern
-# --------------------------------------------------------------------------------------------
-def in_context_attention(q: Tensor, k: Tensor, v: Tensor, n_context: int, context_allowed: Tensor | None,
-                         query_allowed: Tensor | None) -> Tensor:
-    """Scaled dot-product attention over ``n_context`` context tokens followed by query tokens.
-
-    ``q, k, v [T, H, S + Q, d_h]``: the first ``S = n_context`` tokens are the context
-    (support points), the last ``Q`` the queries. With ``a_ij = q_i . k_j / sqrt(d_h)``::
-
-        context token i: softmax over { a_ij : j context, context_allowed[i, j] or j = i }
-        query token t:   softmax over { a_tj : j context, query_allowed[t, j] }  U  { a_tt }
-
-    so a query attends to the allowed context tokens and to itself, never to another
-    query, and a context token always attends at least to itself. Disallowed keys get
-    exactly zero weight.
-
-    Args:
-        context_allowed: bool ``[T | 1, S, S]`` or None (every context token allowed).
-        query_allowed: bool ``[T | 1, Q, S]`` or None (every context token allowed).
-
-    Returns:
-        ``[T, H, S + Q, d_h]``.
-
-    >>> q = k = v = torch.randn(2, 1, 5, 4)
-    >>> out = in_context_attention(q, k, v, 3, None, None)
-    >>> v2 = v.clone(); v2[:, :, 4] += 1.0  # change the second query's value
-    >>> torch.equal(out[:, :, :4], in_context_attention(q, k, v2, 3, None, None)[:, :, :4])
-    True
-    """
-    S = n_context
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    kc, vc = k[:, :, :S], v[:, :, :S]
-    mask = None
-    if context_allowed is not None:
-        eye = torch.eye(S, dtype=torch.bool, device=q.device)
-        mask = (context_allowed | eye)[:, None]  # [T|1, 1, S, S]
-    out_c = F.scaled_dot_product_attention(q[:, :, :S], kc, vc, attn_mask=mask)  # [T, H, S, d_h]
-    qq, kq, vq = q[:, :, S:], k[:, :, S:], v[:, :, S:]
-    s_ctx = (qq @ kc.transpose(-1, -2)) * scale  # [T, H, Q, S]
-    if query_allowed is not None:
-        s_ctx = s_ctx.masked_fill(~query_allowed[:, None], float("-inf"))
-    s_self = (qq * kq).sum(-1, keepdim=True) * scale  # [T, H, Q, 1]: each query's own key
-    p = torch.softmax(torch.cat([s_ctx, s_self], -1), -1)
-    out_q = p[..., :S] @ vc + p[..., S:] * vq  # [T, H, Q, d_h]
-    return torch.cat([out_c, out_q], 2)
-
-
-class Block(nn.Module):
-    """A pre-LayerNorm transformer block with :func:`in_context_attention`.
-
-    ``h <- h + W_o attn(LN(h));  h <- h + MLP(LN(h))`` with a GELU MLP of width
-    ``mlp_ratio * dim``. ``forward(h [T, S + Q, dim], n_context, context_allowed,
-    query_allowed) -> [T, S + Q, dim]``.
-    """
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-
-    def forward(self, h: Tensor, n_context: int, context_allowed: Tensor | None,
-                query_allowed: Tensor | None) -> Tensor:
-        T, N, D = h.shape
-        qkv = self.qkv(self.norm1(h)).view(T, N, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [T, H, N, d_h]
-        a = in_context_attention(q, k, v, n_context, context_allowed, query_allowed)
-        h = h + self.proj(a.transpose(1, 2).reshape(T, N, D))
-        return h + self.mlp(self.norm2(h))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +185,6 @@ class InContextTransformer(_InContext):
                 raise ValueError(f"heads must divide dim, got dim={self.dim} and heads={self.heads}")
             _check_loss(self.loss, self.min_scale)
 
-    tour = TourPlan(task="sinusoid", train=_TRANSFORMER_TOUR_TRAIN)
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())
@@ -273,7 +194,7 @@ class InContextTransformer(_InContext):
         self.embed_y = (nn.Embedding(spec.num_classes, c.dim) if spec.is_classification
                         else nn.Linear(spec.y_dim, c.dim))
         self.query_token = nn.Parameter(0.02 * torch.randn(c.dim))  # "target unknown"
-        self.blocks = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio) for _ in range(c.layers))
+        self.blocks = nn.ModuleList(TransformerBlock(c.dim, c.heads, c.mlp_ratio) for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, out)
 
@@ -352,7 +273,6 @@ class InContextLSTM(_InContext):
                     raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
             _check_loss(self.loss, self.min_scale)
 
-    tour = TourPlan(task="sinusoid", train=_LSTM_TOUR_TRAIN)
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())

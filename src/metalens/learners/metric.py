@@ -48,7 +48,7 @@ from torch.distributions import Categorical, Distribution
 
 from metalens.config import opt
 from metalens.episode import TaskSpec
-from metalens.learners.base import Learner, TourPlan
+from metalens.learners.base import Learner
 from metalens.nets import MLP, Conv4
 from metalens.registry import LEARNERS
 
@@ -58,9 +58,6 @@ __all__ = ["MetricConfig", "MatchingConfig", "ProtoNet", "MatchingNet", "make_em
 BACKBONES = ("auto", "conv4", "mlp", "identity")
 CHUNK_IMAGES = 128  # conv4 embeds at most this many images at once (whole tasks; see embeddings)
 
-# The tour: 5-way 1-shot clusters (Gaussian blobs), where ProtoNet with an identity embedding
-# is the nearest-class-mean classifier and the oracle is the exact Bayes classifier.
-_CLUSTERS_TOUR_TRAIN = {"steps": 300, "batch_tasks": 25, "lr": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -174,7 +171,6 @@ class ProtoNet(_MetricLearner):
     """Prototypical Networks: softmax over -squared distances to class-mean embeddings (Snell et al. 2017)."""
 
     Config = MetricConfig
-    tour = TourPlan(task="clusters", learner_options={"backbone": "mlp"}, train=_CLUSTERS_TOUR_TRAIN)
 
     def __init__(self, spec: TaskSpec, config: MetricConfig | None = None) -> None:
         super().__init__(spec, config if config is not None else MetricConfig())
@@ -242,7 +238,6 @@ class MatchingNet(_MetricLearner):
     """Matching Networks: cosine attention over every support point, optional FCE (Vinyals et al. 2016)."""
 
     Config = MatchingConfig
-    tour = TourPlan(task="clusters", learner_options={"backbone": "mlp"}, train=_CLUSTERS_TOUR_TRAIN)
 
     def __init__(self, spec: TaskSpec, config: MatchingConfig | None = None) -> None:
         super().__init__(spec, config if config is not None else MatchingConfig())

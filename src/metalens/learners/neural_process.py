@@ -82,18 +82,15 @@ from torch.distributions import Categorical, Distribution, MixtureSameFamily, No
 from metalens import rng
 from metalens.config import opt
 from metalens.episode import Episode, TaskSpec
-from metalens.learners.base import Learner, TourPlan
-from metalens.nets import ACTIVATIONS, MLP
+from metalens.learners.base import Learner
+from metalens.nets import ACTIVATIONS, MLP, MultiheadAttention, SelfAttentionBlock
 from metalens.registry import LEARNERS
 
 __all__ = [
-    "mean_pool", "MultiheadAttention", "SelfAttentionBlock", "GaussianDecoder", "LatentEncoder",
+    "mean_pool", "GaussianDecoder", "LatentEncoder",
     "CNPConfig", "LNPConfig", "ANPConfig", "CNP", "LatentNeuralProcess", "LNP", "ANP",
 ]
 
-# The tour's budget: the ConvCNP protocol on `gp` (rbf, length scale 0.25), ~75 s on one CPU thread
-# (measured 11.8 / 18.2 / 92.7 ms per step for cnp / lnp / anp at 16 tasks per step).
-_GP_TOUR_TRAIN = {"batch_tasks": 16, "lr": 5e-4}
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,64 +108,6 @@ def mean_pool(h: Tensor, mask: Tensor | None) -> Tensor:
         return h.mean(1)
     m = mask[..., None]
     return torch.where(m, h, 0.0).sum(1) / m.sum(1).clamp_min(1).to(h.dtype)
-
-
-class MultiheadAttention(nn.Module):
-    """Multi-head scaled dot-product attention with a mask over the keys (Vaswani et al. 2017, sec. 3.2).
-
-    For each head ``h`` (``heads`` of them, ``d_h = dim / heads``)::
-
-        head_h = softmax( (q W_q^h) (k W_k^h)^T / sqrt(d_h) ) (v W_v^h)
-        out    = concat_h(head_h) W_o + b_o
-
-    ``forward(q [T, Q, dq], k [T, S, dk], v [T, S, dv], mask [T, S] | None) -> [T, Q, dim]``.
-    Masked keys (``False``) get exactly zero weight; a query whose keys are all
-    masked attends to nothing (its heads are zero, the output is ``b_o``).
-    """
-
-    def __init__(self, query_dim: int, key_dim: int, value_dim: int, dim: int, heads: int) -> None:
-        super().__init__()
-        if heads < 1 or dim % heads != 0:
-            raise ValueError(f"heads must be >= 1 and divide the width {dim}, got heads={heads}")
-        self.heads = heads
-        self.w_q = nn.Linear(query_dim, dim, bias=False)
-        self.w_k = nn.Linear(key_dim, dim, bias=False)
-        self.w_v = nn.Linear(value_dim, dim, bias=False)
-        self.w_o = nn.Linear(dim, dim)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        T, Q = q.shape[:2]
-
-        def split(t: Tensor) -> Tensor:  # [T, P, dim] -> [T, heads, P, d_h]
-            return t.view(T, t.shape[1], self.heads, -1).transpose(1, 2)
-
-        qh, kh, vh = split(self.w_q(q)), split(self.w_k(k)), split(self.w_v(v))
-        keep = None
-        if mask is not None:
-            vh = torch.where(mask[:, None, :, None], vh, 0.0)  # padded values never reach a sum
-            # A task with no real key attends uniformly to its (zeroed) values: heads are 0, not 0/0.
-            keep = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]  # [T, 1, 1, S]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep)  # [T, heads, Q, d_h]
-        out = out.transpose(1, 2).reshape(T, Q, -1)  # [T, Q, dim]
-        return self.w_o(out)
-
-
-class SelfAttentionBlock(nn.Module):
-    """``H = LN(X + MHA(X, X, X)); out = LN(H + relu(H W + b))`` over a set (Lee et al. 2019, MAB).
-
-    ``forward(x [T, P, dim], mask [T, P] | None) -> [T, P, dim]``. Padded points are
-    never attended to; their own outputs are meaningless and must stay masked.
-    """
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.attention = MultiheadAttention(dim, dim, dim, dim, heads)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.ff = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        h = self.norm1(x + self.attention(x, x, x, mask))
-        return self.norm2(h + F.relu(self.ff(h)))
 
 
 def _mlp(in_features: int, out_features: int, width: int, layers: int, activation: str) -> MLP:
@@ -305,7 +244,6 @@ class CNP(Learner):
 
     Config = CNPConfig
     probabilistic = True
-    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 1500})
 
     def __init__(self, spec: TaskSpec, config: CNPConfig | None = None) -> None:
         super().__init__(spec, config if config is not None else type(self).Config())
@@ -454,7 +392,6 @@ class LNP(LatentNeuralProcess):
     """Latent Neural Process: mean-pooled deterministic path + global latent z, ELBO-trained (Garnelo et al. 2018b)."""
 
     Config = LNPConfig
-    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 1000})
 
 
 @LEARNERS.register("anp")
@@ -462,7 +399,6 @@ class ANP(LatentNeuralProcess):
     """Attentive Neural Process: self-attention, multi-head cross-attention and a latent path (Kim et al. 2019)."""
 
     Config = ANPConfig
-    tour = TourPlan(task="gp", train={**_GP_TOUR_TRAIN, "steps": 200})
 
     def _build_deterministic(self, dx: int, dy: int) -> nn.Module:
         c = self.config

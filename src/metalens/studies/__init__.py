@@ -82,11 +82,4 @@ class Study(ABC):
 
 
 
-def _load() -> None:
-    """Import the modules that register the built-in studies."""
-    import importlib
-    import pkgutil
-
-    for mod in pkgutil.iter_modules(__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+from metalens.studies import in_context, neural_processes, omniglot, sinusoid  # noqa: E402,F401  (registration)

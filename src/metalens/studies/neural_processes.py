@@ -49,13 +49,14 @@ from metalens.config import check_min, check_positive, check_step_counts, opt, t
 from metalens.episode import Episode
 from metalens.evaluate import Evaluation, Metric, evaluate, score, summarize
 from metalens.learners.base import Learner
+from metalens.experiments.recipes import TOUR
 from metalens.registry import LEARNERS, STUDIES
 from metalens.report import save_figure, write_report
 from metalens.run import RunConfig, make_learner, make_task, start_run
 from metalens.studies import Study
-from metalens.tasks.gp import GP, kernel_matrix
+from metalens.tasks.gp import GP
 
-__all__ = ["NeuralProcesses", "gp_joint_log_likelihood", "KERNEL_VARIANTS"]
+__all__ = ["NeuralProcesses", "KERNEL_VARIANTS"]
 
 # Study kernel names -> gp family options (the random-length-scale range is a study option).
 KERNEL_VARIANTS = ("rbf", "matern52", "periodic", "rbf-random")
@@ -168,7 +169,7 @@ class NeuralProcesses(Study):
             oracle_ev = evaluate(make_learner("oracle", family), family, episodes=c.episodes, seed=c.eval_seed,
                                  batch_tasks=_EVAL_BATCH, with_oracle=False)
             tasks = family.eval_episodes(c.eval_seed, c.episodes)
-            oracle_joint = gp_joint_log_likelihood(family, tasks) / _n_targets(tasks)
+            oracle_joint = family.joint_log_likelihood(tasks) / _n_targets(tasks)
             rows.append(_row("oracle", kernel, oracle_ev.per_task["nll"], oracle_ev.per_task["nll"],
                              oracle_joint.numpy(), oracle_joint.numpy()))
             for model, learner in runs.items():
@@ -272,7 +273,7 @@ class NeuralProcesses(Study):
                                                    c.sinusoid_steps, progress, echo)
             timings[f"{model}-sinusoid"] = {"train_seconds": round(seconds, 1)}
         if "maml" in LEARNERS:
-            plan = LEARNERS["maml"].cls.tour
+            plan = TOUR["maml"]
             opts = dict(plan.learner_options) if plan is not None else {}
             train = dict(plan.train) if plan is not None else {}
             if c.quick:
@@ -396,54 +397,6 @@ def _joint_per_target(learner: Learner, tasks: Episode, samples: int, seed: int)
                 joint = (lp * ep.query_mask).sum(-1) if ep.query_mask is not None else lp.sum(-1)
             out.append(joint / _n_targets(ep))
     return torch.cat(out).numpy()
-
-
-def gp_joint_log_likelihood(family: GP, tasks: Episode, *, chunk: int = 25) -> Tensor:
-    """Exact ``log p(y_T | x_T, y_C, x_C)`` of each task under the GP family (float64, ``[T]``).
-
-    ``log p(y_C, y_T) - log p(y_C)``, each a Gaussian log marginal likelihood of the
-    real points with covariance ``K + noise_var I`` (Rasmussen & Williams 2006, eq. 2.30);
-    with a random length scale both terms integrate it by the family's quadrature,
-    ``log sum_l w_l p(. | l)``. Padded points are left out exactly (see :func:`_log_ml`).
-    """
-    ls, log_w = family.quadrature()  # [L], [L]
-    T = tasks.n_tasks
-    ones_s = torch.ones(T, tasks.n_support, dtype=torch.bool)
-    ones_q = torch.ones(T, tasks.n_query, dtype=torch.bool)
-    s_mask = tasks.support_mask if tasks.support_mask is not None else ones_s
-    q_mask = tasks.query_mask if tasks.query_mask is not None else ones_q
-    out = []
-    for lo in range(0, T, chunk):
-        sl = slice(lo, lo + chunk)
-        sx, sy = tasks.support_x[sl, :, 0].double(), tasks.support_y[sl, :, 0].double()
-        qx, qy = tasks.query_x[sl, :, 0].double(), tasks.query_y[sl, :, 0].double()
-        x_all, y_all = torch.cat([sx, qx], 1), torch.cat([sy, qy], 1)
-        m_all = torch.cat([s_mask[sl], q_mask[sl]], 1)
-        m_ctx = torch.cat([s_mask[sl], torch.zeros_like(q_mask[sl])], 1)
-        joint = _log_ml(family, x_all, y_all, m_all, ls)  # [t, L]
-        context = _log_ml(family, x_all, y_all, m_ctx, ls)
-        out.append(torch.logsumexp(joint + log_w, -1) - torch.logsumexp(context + log_w, -1))
-    return torch.cat(out)
-
-
-def _log_ml(family: GP, x: Tensor, y: Tensor, mask: Tensor, ls: Tensor) -> Tensor:
-    """Gaussian log marginal likelihood of the real points (``mask [t, P]``) of each task, per length scale ``[t, L]``.
-
-    Rows and columns of padded points are replaced by the identity and their y by 0,
-    and only real points count in the ``log(2 pi)`` term, so padded points add nothing.
-    """
-    c = family.config
-    m = mask.double()
-    P = x.shape[1]
-    K = kernel_matrix(c.kernel, x[:, None], x[:, None], ls, c.signal_variance)  # [t, L, P, P]
-    K = K + family.noise_var * torch.eye(P, dtype=torch.float64)
-    mm = m[:, None, :, None] * m[:, None, None, :]
-    K = mm * K + torch.diag_embed(1.0 - m)[:, None]
-    chol = torch.linalg.cholesky(K)
-    ym = (y * m)[:, None, :, None].expand(-1, ls.numel(), -1, -1)
-    alpha = torch.cholesky_solve(ym, chol)
-    return (-0.5 * (ym * alpha).sum((-1, -2)) - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-            - 0.5 * m.sum(-1, keepdim=True) * math.log(2 * math.pi))
 
 
 def _row(model: str, kernel: str, nll: np.ndarray, oracle_nll: np.ndarray, joint: np.ndarray,

@@ -21,6 +21,7 @@ from typing import Any
 from metalens import checkpoint
 from metalens.config import opt, to_dict
 from metalens.evaluate import Evaluation, Metric
+from metalens.experiments.recipes import ADAPTATION_STEPS, TOUR
 from metalens.registry import LEARNERS
 from metalens.report import plot_regression_tasks, save_figure, write_report
 from metalens.run import RunConfig, ensure_trained, load_run
@@ -78,7 +79,7 @@ class SinusoidGradient(Study):
         runs = {}
         for name in c.learners:
             cls = LEARNERS[name].cls
-            plan = cls.tour
+            plan = TOUR.get(name)
             train: dict[str, Any] = dict(plan.train) if plan is not None else {}
             train["steps"] = max(1, math.ceil(BUDGETS.get(name, train.get("steps", 1)) * scale))
             train["seed"] = c.seed
@@ -98,7 +99,7 @@ class SinusoidGradient(Study):
                 diverged[name] = f"{e.args[0].split(';')[0].removeprefix('training stopped: ')}; step {last} shown"
                 echo(f"[sinusoid] {name}: {diverged[name]}")
             timings[name] = round(time.perf_counter() - t0, 1)
-            option = cls.adaptation_steps_option
+            option = ADAPTATION_STEPS.get(name)
             cells[name] = {}
             for K in c.test_shots:
                 for n in (c.adapt_steps if option else (None,)):

@@ -200,12 +200,35 @@ class GP(TaskFamily):
         )
 
     # -- the oracle -------------------------------------------------------------------------------
+    def _factor(self, x: Tensor, y: Tensor, m: Tensor, ls: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The Gaussian model of the real points of each task, for each length scale in ``ls [L]``.
+
+        Padded points are removed exactly: their rows and columns of ``K + noise I`` are
+        replaced by the identity and their y by 0, and only real points count in the
+        ``log(2 pi)`` term, so they contribute nothing to the solve or the likelihood.
+
+        Args (float64): ``x, y, m [t, P]`` (``m`` 1 for a real point), ``ls [L]``.
+
+        Returns:
+            the Cholesky factor ``[t, L, P, P]`` of ``K + noise I``, ``alpha = (K + noise I)^-1 y``
+            ``[t, L, P, 1]`` and the log marginal likelihood of the real points ``[t, L]``
+            (Rasmussen & Williams 2006, eq. 2.30).
+        """
+        c = self.config
+        P = x.shape[1]
+        K = kernel_matrix(c.kernel, x[:, None], x[:, None], ls, c.signal_variance)  # [t, L, P, P]
+        mm = m[:, None, :, None] * m[:, None, None, :]
+        K = mm * (K + self.noise_var * torch.eye(P, dtype=x.dtype)) + torch.diag_embed(1.0 - m)[:, None]
+        chol = torch.linalg.cholesky(K)
+        ym = (y * m)[:, None, :, None].expand(-1, ls.numel(), -1, -1)  # [t, L, P, 1]
+        alpha = torch.cholesky_solve(ym, chol)
+        log_ml = (-0.5 * (ym * alpha).sum((-1, -2))
+                  - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+                  - 0.5 * m.sum(-1, keepdim=True) * math.log(2 * math.pi))  # [t, L]
+        return chol, alpha, log_ml
+
     def _posterior(self, sx: Tensor, sy: Tensor, m: Tensor, qx: Tensor, ls: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """GP posterior predictive for each task and each length scale in ``ls [L]``.
-
-        Padded support points are removed exactly: their rows and columns of
-        ``K + noise I`` are replaced by the identity and their y by 0, so they
-        contribute nothing to the solve, the variance or the marginal likelihood.
 
         Args (float64): ``sx, sy, m [t, S]``, ``qx [t, Q]``, ``ls [L]``.
 
@@ -214,22 +237,39 @@ class GP(TaskFamily):
             ``log_ml [t, L]``, the log marginal likelihood of the real support points.
         """
         c = self.config
-        S = sx.shape[1]
-        eye = torch.eye(S, dtype=sx.dtype)
-        Kss = kernel_matrix(c.kernel, sx[:, None], sx[:, None], ls, c.signal_variance)  # [t, L, S, S]
-        mm = m[:, None, :, None] * m[:, None, None, :]
-        Kss = mm * (Kss + self.noise_var * eye) + torch.diag_embed(1.0 - m)[:, None]
-        chol = torch.linalg.cholesky(Kss)
-        ym = (sy * m)[:, None, :, None].expand(-1, ls.numel(), -1, -1)  # [t, L, S, 1]
-        alpha = torch.cholesky_solve(ym, chol)  # [t, L, S, 1]
-        log_ml = (-0.5 * (ym * alpha).sum((-1, -2))
-                  - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-                  - 0.5 * m.sum(-1, keepdim=True) * math.log(2 * math.pi))  # [t, L]
+        chol, alpha, log_ml = self._factor(sx, sy, m, ls)
         Kqs = kernel_matrix(c.kernel, qx[:, None], sx[:, None], ls, c.signal_variance) * m[:, None, None, :]
         mean = (Kqs @ alpha)[..., 0]  # [t, L, Q]
         v = torch.linalg.solve_triangular(chol, Kqs.transpose(-1, -2), upper=False)  # [t, L, S, Q]
         var = (c.signal_variance - (v * v).sum(-2)).clamp_min(0.0) + self.noise_var
         return mean, var, log_ml
+
+    def joint_log_likelihood(self, episode: Episode, *, chunk: int = 25) -> Tensor:
+        """Exact ``log p(y_T | x_T, y_C, x_C)`` of each task's targets given its context (float64, ``[T]``).
+
+        ``log p(y_C, y_T) - log p(y_C)``, each a Gaussian log marginal likelihood of the
+        real points; with a random length scale both integrate it by :meth:`quadrature`,
+        ``log sum_l w_l p(. | l)``. Padded points are left out exactly. Divide by the number
+        of real targets for nats per target (the joint convention of the Neural-Process
+        literature, beside the per-point predictive the evaluator scores).
+        """
+        ls, log_w = self.quadrature()
+        T = episode.n_tasks
+        s_mask = episode.support_mask if episode.support_mask is not None else torch.ones(
+            T, episode.n_support, dtype=torch.bool)
+        q_mask = episode.query_mask if episode.query_mask is not None else torch.ones(
+            T, episode.n_query, dtype=torch.bool)
+        out = []
+        for lo in range(0, T, chunk):
+            sl = slice(lo, lo + chunk)
+            x = torch.cat([episode.support_x[sl, :, 0], episode.query_x[sl, :, 0]], 1).double()
+            y = torch.cat([episode.support_y[sl, :, 0], episode.query_y[sl, :, 0]], 1).double()
+            both = torch.cat([s_mask[sl], q_mask[sl]], 1).double()
+            context = torch.cat([s_mask[sl], torch.zeros_like(q_mask[sl])], 1).double()
+            joint = self._factor(x, y, both, ls)[2]  # [t, L]
+            marginal = self._factor(x, y, context, ls)[2]
+            out.append(torch.logsumexp(joint + log_w, -1) - torch.logsumexp(marginal + log_w, -1))
+        return torch.cat(out)
 
     def quadrature(self) -> tuple[Tensor, Tensor]:
         """Gauss-Legendre nodes over the length-scale prior: ``(lengthscales [L], log_weights [L])``.
