@@ -16,7 +16,7 @@ from metalens.tasks.base import TaskFamily
 from metalens.train import TrainConfig, train
 
 # the built-in task families, learners and studies register themselves on import
-from metalens import tasks as _tasks, learners as _learners, studies as _studies  # noqa: E402,F401  isort: skip
+from metalens import tasks as _tasks, learners as _learners, experiments as _experiments  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Episode", "TaskSpec", "TaskFamily", "Learner", "TASKS", "LEARNERS",

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from metalens.errors import CheckpointError
 
-__all__ = ["Checkpoint", "CheckpointError", "save", "load", "latest", "write_json_atomic"]
+__all__ = ["Checkpoint", "CheckpointError", "save", "load", "latest", "write_json_atomic", "write_text_atomic"]
 
 FORMAT = "metalens-checkpoint"
 FORMAT_VERSION = 1
@@ -65,14 +65,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file, fsync and rename."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file beside it, fsync and rename: a reader sees the old
+    file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -80,6 +80,11 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:

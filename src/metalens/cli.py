@@ -197,21 +197,28 @@ def eval_cmd(run_dir: Path, episodes: int | None, seed: int, sets: tuple[str, ..
               show_default=True, help="folder for the runs and the report.")
 @click.option("--learner", "learners", multiple=True, help="only these learners (repeatable).")
 @click.option("--episodes", type=click.IntRange(min=2), help="held-out tasks per learner [default: 1000 / 600].")
-@click.option("--steps-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--steps-scale", type=float, default=1.0, show_default=True,
               help="multiply every training budget (e.g. 0.05 for a quick look).")
 @click.option("--quiet", is_flag=True, help="no progress bars.")
 @_threads_option
 def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_scale: float, quiet: bool,
              threads: int | None) -> None:
-    """Meta-train and evaluate every learner on its canonical family; write a report."""
+    """Meta-train and evaluate every learner on its canonical family; write a report (the study `tour`)."""
+    from metalens.config import ConfigError, from_dict
+    from metalens.experiments.tour import Tour
     from metalens.registry import LEARNERS
-    from metalens.tour import tour
 
-    _set_threads(threads)
     for name in learners:
         LEARNERS[name]  # unknown names fail before any work
-    tour(out, learners=list(learners) or None, episodes=episodes, steps_scale=steps_scale,
-         progress=None if not quiet else False, echo=click.echo)
+    options: dict[str, Any] = {"steps_scale": steps_scale, "episodes": episodes}
+    if learners:
+        options["learners"] = list(learners)
+    try:
+        config = from_dict(Tour.Config, options, prefix="--", where="tour")
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--steps_scale", "--steps-scale")) from None
+    _set_threads(threads)
+    Tour(config).run(out, progress=None if not quiet else False, echo=click.echo)
 
 
 @cli.command("study")
@@ -229,9 +236,9 @@ def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_s
 def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_options: bool, device: str,
               quiet: bool, threads: int | None) -> None:
     """Run one of the literature's experiments (NAME) and write its report; no NAME lists them."""
-    from metalens.config import ConfigError, field_docs, from_dict
+    from metalens.config import field_docs, from_dict
+    from metalens.experiments.spine import set_arg
     from metalens.registry import STUDIES
-    from metalens.studies import set_arg
     from metalens.train import check_device
 
     if name is None:
@@ -248,15 +255,11 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     sec = _collect(None, sets)
     if sec["task"] or sec["learner"] or sec["train"]:
         raise click.UsageError("study --set accepts study.* options only")
-    try:
-        config = from_dict(entry.cls.Config, sec["study"])
-    except ConfigError as e:
-        raise ConfigError(f"study {name!r}: {e}") from None
+    config = from_dict(entry.cls.Config, sec["study"], prefix="study.", where=f"study {name!r}")
     _set_threads(threads)
     check_device(device)
     out = out or Path(f"runs/study-{name}")
-    path = entry.cls(config, device=device).run(out, progress=None if not quiet else False, echo=click.echo)
-    click.echo(f"report: {path}")
+    entry.cls(config, device=device).run(out, progress=None if not quiet else False, echo=click.echo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ confidence interval, ``1.96 * std / sqrt(n)`` (the field's convention):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from metalens.functional import task_mean
 from metalens.learners.base import Learner
 from metalens.tasks.base import Split, TaskFamily
 
-__all__ = ["Metric", "Evaluation", "evaluate", "score", "summarize", "default_episodes", "Z95"]
+__all__ = ["Metric", "Evaluation", "evaluate", "score", "score_tasks", "summarize", "default_episodes", "Z95"]
 
 Z95 = 1.959963984540054
 
@@ -91,6 +92,39 @@ def summarize(values: np.ndarray) -> Metric:
     return Metric(mean, ci)
 
 
+def score_tasks(
+    predict: Callable[..., Distribution],
+    episode: Episode,
+    *,
+    with_nll: bool,
+    batch_tasks: int = 100,
+    device: str | torch.device = "cpu",
+    empty_support: bool = False,
+    bar: Any = None,
+) -> dict[str, np.ndarray]:
+    """Per-task metrics ``{name: [T]}`` (float64) of a predict-like callable on every task of ``episode``.
+
+    ``predict(support_x, support_y, query_x, *, support_mask)`` is a learner's ``predict``, a family's
+    ``oracle``, or any baseline returning a distribution over the queries. Tasks go through it
+    ``batch_tasks`` at a time on ``device`` (memory only: results do not depend on it), under
+    ``torch.no_grad``. ``empty_support``: every support point masked out (prediction from no example).
+    """
+    if batch_tasks < 1:
+        raise ValueError(f"batch_tasks must be >= 1, got {batch_tasks}")
+    per: dict[str, list[Tensor]] = {}
+    with torch.no_grad():
+        for lo in range(0, episode.n_tasks, batch_tasks):
+            ep = episode[lo: lo + batch_tasks].to(device)
+            mask = torch.zeros(ep.n_tasks, ep.n_support, dtype=torch.bool, device=device) if empty_support \
+                else ep.support_mask
+            dist = predict(ep.support_x, ep.support_y, ep.query_x, support_mask=mask)
+            for k, v in score(dist, ep, with_nll=with_nll).items():
+                per.setdefault(k, []).append(v.cpu())
+            if bar is not None:
+                bar.update(ep.n_tasks)
+    return {k: torch.cat(v).numpy() for k, v in per.items()}
+
+
 def evaluate(
     learner: Learner,
     family: TaskFamily,
@@ -112,29 +146,16 @@ def evaluate(
     n = default_episodes(family) if episodes is None else episodes
     if n < 2:
         raise ValueError(f"episodes must be >= 2 for a confidence interval, got {n}")
-    if batch_tasks < 1:
-        raise ValueError(f"batch_tasks must be >= 1, got {batch_tasks}")
     all_tasks = family.eval_episodes(seed, n, split=split)
     oracle_fn = family.spec.oracle if (with_oracle and family.has_oracle) else None
     learner.to(device)
     learner.eval()
-    per: dict[str, list[Tensor]] = {}
-    oper: dict[str, list[Tensor]] = {}
-    bar = tqdm(total=n, disable=not progress, desc=f"eval {learner.registry_name}", unit="task", leave=False)
-    with torch.no_grad():
-        for lo in range(0, n, batch_tasks):
-            ep = all_tasks[lo: lo + batch_tasks].to(device)
-            dist = learner.predict(ep.support_x, ep.support_y, ep.query_x, support_mask=ep.support_mask)
-            for k, v in score(dist, ep, with_nll=learner.probabilistic).items():
-                per.setdefault(k, []).append(v.cpu())
-            if oracle_fn is not None:
-                odist = oracle_fn(ep.support_x, ep.support_y, ep.query_x, support_mask=ep.support_mask)
-                for k, v in score(odist, ep, with_nll=True).items():
-                    oper.setdefault(k, []).append(v.cpu())
-            bar.update(ep.n_tasks)
-    bar.close()
-    per_np = {k: torch.cat(v).numpy() for k, v in per.items()}
-    oper_np = {k: torch.cat(v).numpy() for k, v in oper.items()} if oracle_fn is not None else None
+    with tqdm(total=n * (2 if oracle_fn else 1), disable=not progress, desc=f"eval {learner.registry_name}",
+              unit="task", leave=False) as bar:
+        per_np = score_tasks(learner.predict, all_tasks, with_nll=learner.probabilistic, batch_tasks=batch_tasks,
+                             device=device, bar=bar)
+        oper_np = score_tasks(oracle_fn, all_tasks, with_nll=True, batch_tasks=batch_tasks, device=device,
+                              bar=bar) if oracle_fn is not None else None
     for k, v in per_np.items():
         if not np.isfinite(v).all():
             raise FloatingPointError(f"the learner's {k} is non-finite on {int((~np.isfinite(v)).sum())} tasks")

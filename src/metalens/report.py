@@ -1,200 +1,196 @@
-"""Reports: what a run or a comparison produced, as JSON for machines and Markdown +
-PNG figures for people."""
+"""Reports: what a run or a study produced, as JSON for machines and Markdown (+ PNG figures) for people.
+
+A :class:`Report` is a list of blocks (text and :class:`Table` s), figures, the
+evaluator's output and the **checks**: every claim a study tests, as
+``{"name": {"value", "target", "holds"}}`` in ``report.json`` and as a table at the top
+of ``report.md``. Numbers are formatted in one place (:func:`fmt`).
+
+>>> r = Report("A title")
+>>> r.check("oracle_first", at_most(0.10, 0.25))
+>>> r.text("Some words.")
+>>> r.table(Table(["model", "mse"], [["`maml`", fmt(0.1234)]]))
+>>> r.to_json()["checks"]
+{'oracle_first': {'value': 0.1, 'target': '<= 0.25', 'holds': True}}
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.distributions import Distribution
-
-from metalens.checkpoint import write_json_atomic
-from metalens.episode import Episode
+from metalens.checkpoint import write_json_atomic, write_text_atomic
 from metalens.evaluate import Evaluation, Metric
-from metalens.learners.base import Learner
-from metalens.tasks.base import TaskFamily
 
-__all__ = ["metrics_table", "write_report", "plot_regression_tasks", "plot_decision_regions", "save_figure"]
+__all__ = ["Check", "Table", "Report", "at_most", "at_least", "fmt", "metrics_table", "METRICS_NOTE"]
 
-_LOWER_IS_BETTER = {"mse": True, "nll": True, "accuracy": False}
+METRICS_NOTE = ("Metrics are per target point, averaged per task, then mean ± 95% CI half-width (1.96 std / sqrt(n)) "
+                "over held-out tasks; the oracle is scored on the very same tasks.")
 
 
-def _fmt(m: Metric | None, name: str) -> str:
+def fmt(m: Metric | Mapping[str, float] | float | None, digits: int = 4, *, percent: bool = False) -> str:
+    """A metric as ``mean ± ci95`` (or a plain number): ``–`` for missing, ``diverged`` for NaN.
+
+    >>> fmt(Metric(0.51234, 0.0112), percent=True), fmt({"mean": 1.5, "ci95": 0.25}, 2), fmt(None)
+    ('51.23% ± 1.12', '1.50 ± 0.25', '–')
+    """
     if m is None:
         return "–"
-    if name == "accuracy":
-        return f"{100 * m.mean:.2f}% ± {100 * m.ci95:.2f}"
-    return f"{m.mean:.4f} ± {m.ci95:.4f}"
+    if isinstance(m, Metric):
+        mean, ci = m.mean, m.ci95
+    elif isinstance(m, Mapping):
+        mean, ci = m["mean"], m.get("ci95")
+    else:
+        mean, ci = float(m), None
+    if math.isnan(mean):
+        return "diverged"
+    scale, unit, d = (100.0, "%", 2) if percent else (1.0, "", digits)
+    text = f"{scale * mean:.{d}f}{unit}"
+    return text if ci is None else f"{text} ± {scale * ci:.{d}f}"
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Lay out, write (as PNG, creating folders) and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
+@dataclass(frozen=True)
+class Check:
+    """One claim a study tests: the measured ``value``, the ``target`` it is held against, whether it ``holds``."""
 
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    value: Any
+    target: Any
+    holds: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "target": self.target, "holds": bool(self.holds)}
+
+
+def at_most(value: float, bound: float) -> Check:
+    """The claim ``value <= bound``."""
+    return Check(value, f"<= {bound:g}", bool(value <= bound))
+
+
+def at_least(value: float, bound: float) -> Check:
+    """The claim ``value >= bound``."""
+    return Check(value, f">= {bound:g}", bool(value >= bound))
+
+
+@dataclass
+class Table:
+    """A Markdown table: ``columns`` and ``rows`` of cells already formatted as text."""
+
+    columns: Sequence[str]
+    rows: list[Sequence[Any]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in self.rows]
+        return "\n".join(lines)
 
 
 def metrics_table(evals: Sequence[Evaluation]) -> str:
-    """A Markdown table: one row per evaluation, its metrics beside the oracle's on the same tasks."""
+    """The evaluator's output: one row per evaluation, its metrics beside the oracle's on the same tasks."""
     names: list[str] = []
     for e in evals:
         for k in list(e.metrics) + list(e.oracle or {}):
             if k not in names:
                 names.append(k)
-    head = ["learner", "task", "episodes"] + names + [f"oracle {k}" for k in names]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = Table(["learner", "task", "episodes"] + names + [f"oracle {k}" for k in names])
     for e in evals:
         row = [f"`{e.learner}`", f"`{e.task}`", str(e.episodes)]
-        row += [_fmt(e.metrics.get(k), k) for k in names]
-        row += [_fmt((e.oracle or {}).get(k), k) for k in names]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        row += [fmt(e.metrics.get(k), percent=k == "accuracy") for k in names]
+        row += [fmt((e.oracle or {}).get(k), percent=k == "accuracy") for k in names]
+        table.rows.append(row)
+    return table.markdown()
 
 
-def plot_regression_tasks(
-    path: str | Path,
-    family: TaskFamily,
-    learners: dict[str, Learner],
-    *,
-    n_tasks: int = 4,
-    seed: int = 0,
-    title: str = "",
-) -> Path | None:
-    """Predictions of each learner on a few held-out 1-D tasks, against the oracle.
+class Report:
+    """What a study (or the tour) shows: text, tables, figures, checks and the evaluator's output.
 
-    The oracle's predictive mean and a ±2 standard-deviation band are drawn on a
-    dense grid over the family's input range. Returns None for families that are
-    not 1-D regression.
+    ``data`` holds study-specific results for ``report.json`` (JSON-ready values).
     """
-    spec = family.spec
-    if spec.is_classification or spec.x_shape != (1,) or spec.x_range is None:
-        return None
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.blocks: list[str] = []
+        self.checks: dict[str, Check] = {}
+        self.figures: list[Path] = []
+        self.evaluations: list[Evaluation] = []
+        self.data: dict[str, Any] = {}
 
-    ep = family.eval_episodes(seed, n_tasks)
-    lo, hi = spec.x_range
-    grid = torch.linspace(lo, hi, 200, dtype=ep.query_x.dtype).view(1, -1, 1).expand(n_tasks, -1, -1)
-    fig, axes = plt.subplots(1, n_tasks, figsize=(4 * n_tasks, 3.2), sharey=True, squeeze=False)
-    with torch.no_grad():
-        preds = {name: lrn.predict(ep.support_x, ep.support_y, grid, support_mask=ep.support_mask).mean
-                 for name, lrn in learners.items()}
-        oracle = spec.oracle(ep.support_x, ep.support_y, grid, support_mask=ep.support_mask) if spec.oracle else None
-    xs = grid[0, :, 0].numpy()
-    for t, ax in enumerate(axes[0]):
-        if oracle is not None:
-            mean, sd = oracle.mean[t, :, 0].numpy(), oracle.variance[t, :, 0].sqrt().numpy()
-            ax.fill_between(xs, mean - 2 * sd, mean + 2 * sd, color="0.85", label="oracle ±2 sd")
-            ax.plot(xs, mean, color="k", lw=1.5, label="oracle mean")
-        for name, p in preds.items():
-            ax.plot(xs, p[t, :, 0].numpy(), lw=1.2, label=name)
-        m = ep.support_mask[t] if ep.support_mask is not None else slice(None)
-        ax.scatter(ep.support_x[t][m][:, 0].numpy(), ep.support_y[t][m][:, 0].numpy(), color="crimson",
-                   zorder=5, s=18, label="support")
-        ax.set_title(f"held-out task {t}")
-        ax.set_xlabel("x")
-    axes[0][0].legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path)
+    def text(self, text: str) -> None:
+        self.blocks.append(text)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(f"## {text}")
+
+    def table(self, table: Table) -> None:
+        self.blocks.append(table.markdown())
+
+    def check(self, name: str, check: Check) -> None:
+        if name in self.checks:
+            raise ValueError(f"check {name!r} is recorded twice")
+        self.checks[name] = check
+
+    def figure(self, path: Path | None) -> None:
+        if path is not None:
+            self.figures.append(Path(path))
+
+    def checks_table(self) -> str:
+        table = Table(["check", "value", "target", "holds"])
+        for name, c in self.checks.items():
+            value = f"{c.value:.4g}" if isinstance(c.value, float) else str(c.value)
+            table.rows.append([f"`{name}`", value, str(c.target), "yes" if c.holds else "**no**"])
+        return table.markdown()
+
+    def markdown(self, out: Path, *, preamble: Sequence[str] = ()) -> str:
+        md = [f"# {self.title}", "", *[p for line in preamble for p in (line, "")]]
+        if self.checks:
+            held = sum(c.holds for c in self.checks.values())
+            md += [f"## Checks ({held} of {len(self.checks)} hold)", "", self.checks_table(), ""]
+        for block in self.blocks:
+            md += [block, ""]
+        if self.evaluations:
+            md += ["## Evaluator output", "", metrics_table(self.evaluations), "", METRICS_NOTE, ""]
+        for f in self.figures:
+            md += [f"![{f.stem}]({f.relative_to(out).as_posix()})", ""]
+        return "\n".join(md)
+
+    def to_json(self, out: Path | None = None, **meta: Any) -> dict[str, Any]:
+        return {"title": self.title, **meta,
+                "checks": {k: c.to_json() for k, c in self.checks.items()},
+                "evaluations": [e.to_json() for e in self.evaluations],
+                "figures": [f.relative_to(out).as_posix() if out is not None else f.as_posix() for f in self.figures],
+                **self.data}
+
+    def write(self, out: str | Path, *, preamble: Sequence[str] = (), **meta: Any) -> Path:
+        """Write ``report.md`` and ``report.json`` into ``out`` (atomically); returns the Markdown path.
+
+        ``preamble``: paragraphs shown under the title (the command, the machine); ``meta``: their
+        values for ``report.json`` (``command``, ``hardware``, ``seconds``, ...).
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "report.md"
+        write_text_atomic(path, self.markdown(out, preamble=preamble))
+        write_json_atomic(out / "report.json", self.to_json(out, **meta))
+        return path
 
 
-def write_report(
-    out: str | Path,
-    *,
-    title: str,
-    evaluations: Sequence[Evaluation],
-    figures: Sequence[Path] = (),
-    notes: str = "",
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``report.md`` and ``report.json`` into ``out``; returns the Markdown path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = [f"# {title}", ""]
+# -- transitional: the studies not yet on the experiments spine ---------------------------------------
+def write_report(out: str | Path, *, title: str, evaluations: Sequence[Evaluation], figures: Sequence[Path] = (),
+                 notes: str = "", extra: dict[str, Any] | None = None) -> Path:
+    r = Report(title)
     if notes:
-        md += [notes, ""]
-    md += [metrics_table(evaluations), ""]
-    md += ["Metrics are per target point, averaged per task, then mean ± 95% CI half-width "
-           "(1.96 std / sqrt(n)) over held-out tasks; the oracle is scored on the very same tasks.", ""]
+        r.text(notes)
+    r.evaluations = list(evaluations)
     for f in figures:
-        md += [f"![{f.stem}]({f.relative_to(out).as_posix()})", ""]
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md), encoding="utf-8")
-    tmp.replace(path)
-    write_json_atomic(out / "report.json", {
-        "title": title,
-        "evaluations": [e.to_json() for e in evaluations],
-        "figures": [f.relative_to(out).as_posix() for f in figures],
-        **(extra or {}),
-    })
-    return path
+        r.figure(f)
+    r.data = dict(extra or {})
+    return r.write(out)
 
 
-def plot_decision_regions(
-    path: str | Path,
-    episode: Episode,
-    predictors: Mapping[str, Callable[..., Distribution]],
-    *,
-    task: int = 0,
-    resolution: int = 200,
-    margin: float = 1.0,
-    title: str = "",
-) -> Path:
-    """The decision regions of 2-D classifiers on one task, side by side.
+def __getattr__(name: str) -> Any:
+    if name in ("save_figure", "plot_regression_tasks", "plot_decision_regions"):
+        from metalens import plots
 
-    ``predictors`` maps a name to a ``predict``-like callable (a learner's ``predict``, or a
-    family's ``oracle``). Each panel colours the plane by the predicted class (lighter
-    where the prediction is less sure), with the support points as large outlined markers
-    and the query points as small dots, and gives the accuracy on the task's queries.
-    """
-    if episode.support_x.shape[2:] != (2,) or not episode.is_classification:
-        raise ValueError("plot_decision_regions needs a 2-D classification episode (x_shape (2,))")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import to_rgb
-
-    ep = episode[task: task + 1]
-    N = ep.num_classes
-    pts = torch.cat([ep.support_x[0], ep.query_x[0]])
-    lo, hi = pts.min(0).values - margin, pts.max(0).values + margin
-    xs = torch.linspace(float(lo[0]), float(hi[0]), resolution)
-    ys = torch.linspace(float(lo[1]), float(hi[1]), resolution)
-    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
-    grid = torch.stack([gx.flatten(), gy.flatten()], -1)[None].to(ep.support_x.dtype)  # [1, R*R, 2]
-    colours = torch.tensor([to_rgb(f"C{n % 10}") for n in range(N)])  # [N, 3]
-    fig, axes = plt.subplots(1, len(predictors), figsize=(4.2 * len(predictors), 4.2), squeeze=False)
-    with torch.no_grad():
-        for ax, (name, predict) in zip(axes[0], predictors.items()):
-            probs = predict(ep.support_x, ep.support_y, grid, support_mask=ep.support_mask).probs[0]  # [R*R, N]
-            conf, cls = probs.max(-1)
-            rgb = colours[cls] * conf[:, None] + (1 - conf[:, None])  # fade to white when unsure
-            ax.imshow(rgb.reshape(resolution, resolution, 3).numpy(), origin="lower", interpolation="nearest",
-                      extent=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])), alpha=0.55)
-            q = predict(ep.support_x, ep.support_y, ep.query_x, support_mask=ep.support_mask).probs[0]
-            acc = float((q.argmax(-1) == ep.query_y[0]).double().mean())
-            for n in range(N):
-                s = ep.support_y[0] == n
-                ax.scatter(*ep.support_x[0][s].T.numpy(), s=110, color=f"C{n % 10}", edgecolors="k",
-                           linewidths=1.5, zorder=4)
-                qn = ep.query_y[0] == n
-                ax.scatter(*ep.query_x[0][qn].T.numpy(), s=14, color=f"C{n % 10}", edgecolors="k",
-                           linewidths=0.4, zorder=3)
-            ax.set_title(f"{name}: query accuracy {100 * acc:.0f}%", fontsize=10)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path)
+        return getattr(plots, name)
+    raise AttributeError(name)

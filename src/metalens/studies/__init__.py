@@ -82,4 +82,8 @@ class Study(ABC):
 
 
 
-from metalens.studies import in_context, neural_processes, omniglot, sinusoid  # noqa: E402,F401  (registration)
+import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
+
+for _m in _pkgutil.iter_modules(__path__):  # transitional: the studies not yet moved to metalens.experiments
+    _importlib.import_module(f"{__name__}.{_m.name}")
