@@ -66,7 +66,8 @@ def test_errors(data, match):
 def test_requirement_shown():
     docs = field_docs(C)
     assert docs["shots"] == (5, "support points", "an integer >= 1")
-    assert docs["hidden"][2] == "a list of integers, each >= 1, at least 1 value(s)"
+    assert docs["hidden"][2] == "a list of integers, each >= 1, at least 1 long"
+    assert docs["span"][2] == "a list of 2 numbers (or null), increasing"
     assert docs["kind"][2] == "one of 'a', 'b'"
     assert docs["lr"][2] == "a number > 0"
 

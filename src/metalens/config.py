@@ -78,6 +78,7 @@ class Rule:
     min_len: int | None = None
     max_len: int | None = None
     increasing: bool = False  # a list (low, high, ...) strictly increasing
+    nondecreasing: bool = False  # a list (low, high, ...) with low <= high (a single value allowed)
     finite: bool = True  # numbers must be finite (no inf, no nan)
     check: Callable[[Any], None] | None = None  # raises ValueError("must be ...") for other rules
 
@@ -93,12 +94,12 @@ def _num(v: float) -> str:
 
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
         lt: float | None = None, min_len: int | None = None, max_len: int | None = None, increasing: bool = False,
-        finite: bool = True, check: Callable[[Any], None] | None = None) -> Any:
+        nondecreasing: bool = False, finite: bool = True, check: Callable[[Any], None] | None = None) -> Any:
     """A dataclass field: its default, a one-line ``help`` and the values it allows (a :class:`Rule`).
 
     Mutable defaults (lists, dicts) are copied per instance.
     """
-    rule = Rule(ge, gt, le, lt, min_len, max_len, increasing, finite, check)
+    rule = Rule(ge, gt, le, lt, min_len, max_len, increasing, nondecreasing, finite, check)
     meta = {"help": help, "rule": rule}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -227,6 +228,8 @@ def _enforce(name: str, rule: Rule, value: Any) -> None:
             raise _Invalid(name, f"must hold at most {rule.max_len} value(s), got {_show(value)}")
         if rule.increasing and any(not a < b for a, b in zip(value, value[1:])):
             raise _Invalid(name, f"must be increasing (low < high), got {_show(value)}")
+        if rule.nondecreasing and any(not a <= b for a, b in zip(value, value[1:])):
+            raise _Invalid(name, f"must be (low, high) with low <= high, got {_show(value)}")
     if rule.check is not None:
         try:
             rule.check(value)
@@ -292,13 +295,6 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, prefix: str = "", wh
     if unknown:
         raise ConfigError(f"unknown option '{prefix}{unknown[0]}' for {where or cls.__name__}; valid options: "
                           f"{', '.join(sorted(names)) or '(none)'}")
-    if not issubclass(cls, Options):  # transitional: a plain dataclass, coerced here
-        hints = _hints(cls)
-        for k, v in list(data.items()):
-            try:
-                data[k] = _coerce(hints[k], v)
-            except ValueError:
-                raise ConfigError(f"{prefix}{k} must be {_phrase(hints[k])}, got {_show(v)}") from None
     try:
         return cls(**data)
     except (ValueError, TypeError) as e:
@@ -314,26 +310,6 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, prefix: str = "", wh
         raise ConfigError(f"{where}: {text}" if where else text) from None
 
 
-def check_min(obj: Any, minimum: int, *names: str, why: str = "") -> None:  # transitional
-    for name in names:
-        value = getattr(obj, name)
-        if not value >= minimum:
-            raise ValueError(f"{name} must be >= {minimum}{' ' + why if why else ''}, got {value}")
-
-
-def check_positive(obj: Any, *names: str) -> None:  # transitional
-    for name in names:
-        value = getattr(obj, name)
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def check_step_counts(steps: Any) -> None:  # transitional
-    counts = steps.values() if isinstance(steps, dict) else [steps]
-    if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
-        raise ValueError(f"steps must be integers >= 1, got {steps}")
-
-
 def to_dict(obj: Any) -> dict[str, Any]:
     """A JSON-ready dict of an options dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(obj)))
@@ -345,15 +321,18 @@ def requirement(cls: type, name: str) -> str:
     text = _phrase(_hints(cls)[name])
     rule: Rule | None = f.metadata.get("rule")
     if rule is not None:
-        extra = [rule.bounds()] if rule.bounds() else []
+        each = text.startswith("a list") or text.startswith("a table")
+        if rule.bounds():
+            text += (", each " if each else " ") + rule.bounds()
+        for flag, words in ((rule.increasing, "increasing"), (rule.nondecreasing, "low <= high")):
+            if flag:
+                text += f", {words}"
         if rule.min_len is not None:
-            extra.append(f"at least {rule.min_len} value(s)")
+            text += f", at least {rule.min_len} long"
         if rule.max_len is not None:
-            extra.append(f"at most {rule.max_len} value(s)")
-        if rule.increasing:
-            extra.append("increasing")
-        if extra:
-            text += (", each " if text.startswith("a list") or text.startswith("a table") else " ") + ", ".join(extra)
+            text += f", at most {rule.max_len} long"
+        if rule.check is not None and rule.check.__doc__:
+            text += f"; {rule.check.__doc__.strip().splitlines()[0].rstrip('.')}"
     return text
 
 

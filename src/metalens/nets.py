@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-__all__ = ["MLP", "Conv4", "TaskBatchNorm2d", "ACTIVATIONS", "in_context_attention", "TransformerBlock",
+__all__ = ["MLP", "Conv4", "TaskBatchNorm2d", "Activation", "ACTIVATIONS", "in_context_attention", "TransformerBlock",
            "MultiheadAttention", "SelfAttentionBlock"]
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+Activation = Literal["relu", "tanh", "gelu", "silu"]  # the choices of every "activation" option
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
 class MLP(nn.Module):

@@ -1,15 +1,18 @@
 """Baselines: the per-task fit equals a loop over tasks; scratch and pretrain do what they say."""
 
+import re
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
 import metalens
+from metalens.config import ConfigError
 from metalens.episode import Episode
 from metalens.evaluate import evaluate
 from metalens.functional import fit_per_task, stack_params, task_apply
-from metalens.nets import MLP
+from metalens.nets import ACTIVATIONS, MLP, Activation
 from metalens.train import TrainConfig, train
 
 SEED = 0
@@ -100,6 +103,25 @@ def test_oracle_learner_needs_an_oracle():
     spec = metalens.TaskSpec(kind="regression", x_shape=(1,))
     with pytest.raises(ValueError, match="no tractable oracle"):
         metalens.make_learner("oracle", spec)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("pretrain", {"hidden": []}, "learner.hidden must hold at least 1 value(s), got ()"),  # min_len
+    ("scratch", {"hidden": [8, -1]}, "learner.hidden values must be >= 1, got (8, -1)"),
+    ("scratch", {"optimizer": "rmsprop"}, "learner.optimizer must be one of 'adam', 'sgd', got 'rmsprop'"),
+    ("scratch", {"lr": float("nan")}, "learner.lr must be finite, got nan"),
+    ("pretrain", {"finetune_steps": -1}, "learner.finetune_steps must be >= 0, got -1"),
+    ("pretrain", {"finetune_lr": 0}, "learner.finetune_lr must be > 0, got 0.0"),
+    ("pretrain", {"backbone": "conv5"}, "learner.backbone must be one of 'mlp', 'conv4', got 'conv5'"),
+    ("oracle", {"hidden": [8]}, "unknown option 'learner.hidden' for learner 'oracle'; valid options: (none)"),
+])
+def test_options_outside_their_declared_constraint_are_refused(name, options, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        metalens.make_learner(name, metalens.make_task("sinusoid"), **options)
+
+
+def test_the_activation_choice_is_the_networks():
+    assert set(typing.get_args(Activation)) == set(ACTIVATIONS)
 
 
 def test_stack_params_copies():

@@ -8,11 +8,13 @@ Each test uses the seed ``SEED`` (or says which).
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 
 import metalens
+from metalens.config import ConfigError
 from metalens.episode import Episode, TaskSpec
 from metalens.learners.gradient import adapt, conjugate_gradient, head_names, sgd, solve_proximal, support_loss
 from metalens.nets import MLP
@@ -528,18 +530,24 @@ def test_short_training_lowers_held_out_mse(name):
 
 
 # -- configuration errors ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, opts, match", [
-    ("maml", {"backbone": "resnet"}, "backbone must be"),
-    ("maml", {"inner_lr": 0.0}, "inner_lr must be > 0"),
-    ("maml", {"batching": "threads"}, "batching must be one of"),
-    ("reptile", {"inner_steps": 0}, "Reptile needs inner_steps >= 1"),
-    ("reptile", {"inner_data": "query"}, "inner_data must be"),
-    ("imaml", {"lam": 100.0, "inner_lr": 0.05}, "inner_lr \\* lam must be < 2"),
-    ("imaml", {"inner_solver": "newton"}, "inner_solver must be .bb. or .gd."),
-    ("maml", {"backbone": "conv4"}, "image inputs"),
+@pytest.mark.parametrize("name, opts, message", [
+    ("maml", {"backbone": "resnet"}, "learner.backbone must be one of 'mlp', 'conv4', got 'resnet'"),
+    ("maml", {"inner_lr": 0.0}, "learner.inner_lr must be > 0, got 0.0"),
+    ("maml", {"inner_lr": float("inf")}, "learner.inner_lr must be finite, got inf"),
+    ("maml", {"hidden": [4, 0]}, "learner.hidden values must be >= 1, got (4, 0)"),
+    ("maml", {"batching": "threads"}, "learner.batching must be one of 'auto', 'vmap', 'loop', got 'threads'"),
+    ("metasgd", {"eval_inner_steps": -1}, "learner.eval_inner_steps must be >= 0, got -1"),
+    ("reptile", {"inner_steps": 0}, "learner.inner_steps must be >= 1, got 0"),
+    ("reptile", {"inner_data": "query"}, "learner.inner_data must be one of 'support', 'support+query', got 'query'"),
+    ("imaml", {"lam": 100.0, "inner_lr": 0.05}, "learner.inner_lr * lam must be < 2 or the inner steps diverge on "
+                                                "the proximal term, got 0.05 * 100.0; lower inner_lr or lam"),
+    ("imaml", {"inner_solver": "newton"}, "learner.inner_solver must be one of 'bb', 'gd', got 'newton'"),
+    ("imaml", {"cg_damping": -1}, "learner.cg_damping must be >= 0, got -1.0"),
+    ("maml", {"backbone": "conv4"}, "learner 'maml': backbone 'conv4' needs image inputs [channels, height, width], "
+                                    "got x_shape (1,); use backbone 'mlp'"),
 ])
-def test_config_errors_say_how_to_fix_them(name, opts, match):
-    with pytest.raises(ValueError, match=match):
+def test_config_errors_say_how_to_fix_them(name, opts, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         metalens.make_learner(name, metalens.make_task("sinusoid"), **opts)
 
 

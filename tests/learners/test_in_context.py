@@ -5,6 +5,7 @@ and a short run on `linear` that beats the zero predictor."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -236,13 +237,18 @@ def test_nll_loss_makes_a_probabilistic_regressor(model):
 
 def test_options_are_checked():
     family = metalens.make_task("sinusoid")
-    with pytest.raises(ConfigError, match="heads must divide dim"):
-        metalens.make_learner("transformer", family, dim=10, heads=4)
-    with pytest.raises(ConfigError, match="learner.mode must be one of"):
-        metalens.make_learner("transformer", family, mode="causal")
-    with pytest.raises(ValueError, match="hidden must be >= 1"):
+    for name, options, message in [
+        ("transformer", {"dim": 10, "heads": 4}, "learner.heads must divide dim, got dim=10 and heads=4"),
+        ("transformer", {"mode": "causal"}, "learner.mode must be one of 'set', 'sequence', got 'causal'"),
+        ("transformer", {"layers": 0}, "learner.layers must be >= 1, got 0"),
+        ("lstm", {"min_scale": 1.0}, "learner.min_scale must be > 0 and < 1, got 1.0"),  # lt
+        ("lstm", {"loss": "huber"}, "learner.loss must be one of 'mse', 'nll', got 'huber'"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            metalens.make_learner(name, family, **options)
+    with pytest.raises(ValueError, match="^hidden must be >= 1, got 0$"):
         InContextLSTM.Config(hidden=0)
-    with pytest.raises(ValueError, match="min_scale must be in"):
+    with pytest.raises(ValueError, match="^min_scale must be > 0 and < 1, got 0.0$"):
         InContextTransformer.Config(min_scale=0.0)
 
 

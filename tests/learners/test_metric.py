@@ -3,16 +3,18 @@ attention, and short trainings that must beat chance by a wide margin."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 import metalens
+from metalens.config import ConfigError
 from metalens.episode import Episode, TaskSpec
 from metalens.evaluate import evaluate
 from metalens.learners.metric import MatchingNet, ProtoNet
-from metalens.report import plot_decision_regions
+from metalens.plots import plot_decision_regions
 from metalens.train import TrainConfig, train
 
 torch.set_num_threads(1)
@@ -150,8 +152,15 @@ def test_conv4_needs_images_and_metric_learners_need_classification():
         metalens.make_learner("protonet", fam, backbone="conv4")
     with pytest.raises(ValueError, match="regression"):
         metalens.make_learner("matching", metalens.make_task("sinusoid"))
-    with pytest.raises(ValueError, match="backbone must be one of"):
+    with pytest.raises(ValueError, match="^backbone must be one of 'auto', 'conv4', 'mlp', 'identity', got 'resnet'$"):
         ProtoNet.Config(backbone="resnet")
+    for name, options, message in [
+        ("protonet", {"embedding_dim": 0}, "learner.embedding_dim must be >= 1, got 0"),
+        ("matching", {"scale": 0}, "learner.scale must be > 0, got 0.0"),
+        ("matching", {"fce": "yes"}, "learner.fce must be true or false, got 'yes'"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            metalens.make_learner(name, fam, **options)
 
 
 def test_a_learner_trained_20_way_evaluates_5_way():

@@ -4,6 +4,7 @@ a direct computation, the latent models' estimators, and a CNP that learns."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -263,10 +264,17 @@ def test_latent_models_need_a_generator_to_train():
 
 
 def test_config_errors_say_how_to_fix_the_call():
-    with pytest.raises(metalens.config.ConfigError, match="heads must be >= 1 and divide hidden=16"):
-        metalens.make_learner("anp", metalens.make_task("gp"), hidden=16, heads=5)
-    with pytest.raises(metalens.config.ConfigError, match="min_scale"):
-        metalens.make_learner("cnp", metalens.make_task("gp"), min_scale=0.0)
+    for name, options, message in [
+        ("anp", {"hidden": 16, "heads": 5}, "learner.heads must divide hidden = 16, got 5"),
+        ("anp", {"heads": 0}, "learner.heads must be >= 1, got 0"),
+        ("cnp", {"min_scale": 0.0}, "learner.min_scale must be > 0 and < 1, got 0.0"),
+        ("cnp", {"activation": "sigmoid"}, "learner.activation must be one of 'relu', 'tanh', 'gelu', 'silu', "
+                                           "got 'sigmoid'"),
+        ("lnp", {"eval_seed": -1}, "learner.eval_seed must be >= 0, got -1"),
+        ("lnp", {"objective": "vi"}, "learner.objective must be one of 'elbo', 'ml', got 'vi'"),
+    ]:
+        with pytest.raises(metalens.config.ConfigError, match=f"^{re.escape(message)}$"):
+            metalens.make_learner(name, metalens.make_task("gp"), **options)
     with pytest.raises(ValueError, match="regression model"):
         CNP(metalens.TaskSpec(kind="classification", x_shape=(2,), num_classes=3))
 
@@ -344,5 +352,5 @@ def test_ml_objective_is_the_log_of_the_prior_sample_estimate_of_the_joint(name)
     assert metrics == {"loss": pytest.approx(float(loss.detach()))}
     loss.backward()  # and it trains every parameter of the latent path
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in lrn.latent.parameters())
-    with pytest.raises(ValueError, match="objective must be 'elbo' or 'ml'"):
+    with pytest.raises(ValueError, match="objective must be one of 'elbo', 'ml', got 'vi'"):
         small(name, objective="vi")

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+import metalens
+from metalens.config import ConfigError
 from metalens.tasks.clusters import Clusters, log_disk_probability
 
 torch.set_num_threads(1)
@@ -171,6 +173,10 @@ def test_config_and_input_errors():
         Clusters.Config(ways=1)
     with pytest.raises(ValueError, match=r"^std must be > 0, got 0.0$"):
         Clusters.Config(std=0.0)
+    with pytest.raises(ConfigError, match=r"^task.ways must be >= 2, got 1$"):
+        metalens.make_task("clusters", ways=1)
+    with pytest.raises(ConfigError, match=r"^task.radius must be > 0, got -3.0$"):
+        metalens.make_task("clusters", radius=-3)
     family = Clusters()
     with pytest.raises(ValueError, match=r"support_y holds labels outside \[0, 5\)"):
         family.oracle(torch.zeros(1, 2, 2), torch.tensor([[0, 5]]), torch.zeros(1, 3, 2))

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from torch.distributions import Normal
 
-from metalens.tasks.gp import GP, JITTER, kernel_matrix
+import metalens
+from metalens.config import ConfigError
+from metalens.tasks.gp import GP, JITTER, KERNELS, kernel_matrix
 
 torch.set_num_threads(1)
 
-KERNELS = ["rbf", "matern52", "periodic"]
+KERNELS_TESTED = ["rbf", "matern52", "periodic"]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -49,7 +52,7 @@ def test_convcnp_weakly_periodic_kernel():
     assert torch.allclose(kernel_matrix("periodic", x, x, 0.25), ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS_TESTED)
 def test_kernel_matrix_matches_the_formulas(kernel):
     x1 = torch.linspace(-2, 2, 7, dtype=torch.float64)
     x2 = torch.linspace(-1.3, 1.9, 5, dtype=torch.float64)
@@ -59,7 +62,7 @@ def test_kernel_matrix_matches_the_formulas(kernel):
     assert torch.allclose(batched[1], k_direct(kernel, x1, x2, 0.9, 1.7), atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS_TESTED)
 def test_oracle_matches_a_direct_solve_on_masked_tasks(kernel):
     seed = 31
     family = GP(GP.Config(kernel=kernel, noise_std=0.1, signal_variance=1.5, max_context=12, max_target=9))
@@ -93,7 +96,7 @@ def test_oracle_is_calibrated_on_its_own_tasks():
     assert abs(float(inside) - 0.9) < 0.01, f"seed {seed}: 90% interval covers {float(inside):.3f}"
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS_TESTED)
 def test_samples_have_the_kernel_covariance(kernel):
     """Whitened by the Cholesky factor of k + noise (computed here), samples are iid N(0, 1)."""
     seed = 33
@@ -218,7 +221,7 @@ def test_noiseless_gp_is_handled_with_jitter():
     assert float(d.stddev.min()) >= math.sqrt(JITTER) * 0.99
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS_TESTED)
 def test_wide_lengthscale_range_samples(kernel):
     """Long length scales make K near-singular; the jittered Cholesky must still succeed."""
     family = GP(GP.Config(kernel=kernel, lengthscale_range=(0.05, 4.0)))
@@ -227,11 +230,25 @@ def test_wide_lengthscale_range_samples(kernel):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="kernel must be one of rbf, matern52, periodic; got 'cosine'"):
+    with pytest.raises(ValueError, match="^kernel must be one of 'rbf', 'matern52', 'periodic', got 'cosine'$"):
         GP.Config(kernel="cosine")
     with pytest.raises(ValueError, match=r"^max_context must be >= min_context = 3, got 2$"):
         GP.Config(max_context=2)
-    with pytest.raises(ValueError, match="lengthscale_range must be positive"):
+    with pytest.raises(ValueError, match=r"^lengthscale_range values must be > 0, got \(0.0, 1.0\)$"):
         GP.Config(lengthscale_range=(0.0, 1.0))
-    with pytest.raises(ValueError, match="min_target must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="^min_target must be >= 1, got 0$"):
         GP.Config(min_target=0)
+    assert KERNELS == tuple(KERNELS_TESTED)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kernel": "cosine"}, "task.kernel must be one of 'rbf', 'matern52', 'periodic', got 'cosine'"),  # a Literal
+    ({"lengthscale": 0}, "task.lengthscale must be > 0, got 0.0"),  # gt
+    ({"lengthscale_range": [2, 1]}, "task.lengthscale_range must be increasing (low < high), got (2.0, 1.0)"),
+    ({"lengthscale_range": [0.1, float("inf")]}, "task.lengthscale_range must be finite, got (0.1, inf)"),
+    ({"max_target": 2}, "task.max_target must be >= min_target = 3, got 2"),  # a rule between options
+    ({"min_context": 5, "max_context": 4}, "task.max_context must be >= min_context = 5, got 4"),
+])
+def test_make_task_refuses_options_outside_their_declared_constraint(options, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        metalens.make_task("gp", **options)

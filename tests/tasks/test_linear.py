@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import metalens
+from metalens.config import ConfigError
 from metalens.tasks.linear import NOISE_FLOOR, Linear
 
 torch.set_num_threads(1)
@@ -111,4 +113,8 @@ def test_oracle_shape_checks_and_config_errors():
         Linear.Config(dim=0)
     with pytest.raises(ValueError, match=r"^queries must be >= 1, got 0$"):
         Linear.Config(queries=0)
+    with pytest.raises(ConfigError, match=r"^task.noise_std must be >= 0, got -1.0$"):
+        metalens.make_task("linear", noise_std=-1)
+    with pytest.raises(ConfigError, match=r"^task.dim must be an integer, got 2.5$"):
+        metalens.make_task("linear", dim=2.5)
     assert Linear().oracle_std == NOISE_FLOOR and Linear(Linear.Config(noise_std=0.1)).oracle_std == 0.1

@@ -3,11 +3,14 @@ their seed, and episodes built exactly from their task's projection and label ma
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import metalens
 from metalens import rng
+from metalens.config import ConfigError
 from metalens.tasks.projected import Projected
 
 torch.set_num_threads(1)
@@ -110,8 +113,17 @@ def test_config_errors_say_what_to_change():
         metalens.make_task("projected", ways=11)
     with pytest.raises(ValueError, match="fewer than shots \\+ queries"):
         metalens.make_task("projected", shots=30, queries=20)
-    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be < 1"):
+    with pytest.raises(ValueError, match="^val_fraction \\+ test_fraction must be < 1"):
         Projected.Config(val_fraction=0.5, test_fraction=0.5)
+    for options, message in [
+        ({"val_fraction": 0.6, "test_fraction": 0.4},
+         "task.val_fraction + test_fraction must be < 1 (some examples must be left to train on), got 0.6 + 0.4"),
+        ({"test_fraction": 1}, "task.test_fraction must be >= 0 and < 1, got 1.0"),  # lt
+        ({"projection": "pca"}, "task.projection must be one of 'gaussian', 'none', got 'pca'"),
+        ({"split_seed": -2}, "task.split_seed must be >= 0, got -2"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            metalens.make_task("projected", **options)
     with pytest.raises(ValueError, match="^shots must be >= 1, got 0$"):
         Projected.Config(shots=0)
     family = metalens.make_task("projected", val_fraction=0.0)

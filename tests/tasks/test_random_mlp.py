@@ -4,6 +4,7 @@ standardised functions, and the exact pool posterior against a loop over the poo
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -146,13 +147,23 @@ def test_large_pools_are_drawn_member_by_member_and_agree_with_the_cache():
 
 
 def test_config_errors_name_the_option():
-    with pytest.raises(ValueError, match="pool_log2 must be None or an integer"):
+    with pytest.raises(ValueError, match=r"^pool_log2 must be >= 0 and <= 40, got -1$"):
         RandomMLP.Config(pool_log2=-1)
     with pytest.raises(ValueError, match="^shots must be >= 1, got 0$"):
         RandomMLP.Config(shots=0)
-    with pytest.raises(ValueError, match="output_std_range"):
+    with pytest.raises(ValueError, match=r"^output_std_range must be \(low, high\) with low <= high, got "
+                                         r"\(2.0, 1.0\)$"):
         RandomMLP.Config(output_std_range=(2.0, 1.0))
     assert RandomMLP.Config(output_std_range=(1.0, 1.0)).output_std_range == (1.0, 1.0)  # a fixed scale
-    with pytest.raises(ConfigError, match="activation"):
-        metalens.make_task("random_mlp", activation="sigmoid")
+    for options, message in [
+        ({"activation": "sigmoid"}, "task.activation must be one of 'relu', 'tanh', 'gelu', 'silu', got 'sigmoid'"),
+        ({"pool_log2": 41}, "task.pool_log2 must be >= 0 and <= 40, got 41"),  # le
+        ({"pool_log2": "many"}, "task.pool_log2 must be an integer (or null), got 'many'"),
+        ({"pool_seed": -1}, "task.pool_seed must be >= 0, got -1"),
+        ({"output_std_range": [2, 1]}, "task.output_std_range must be (low, high) with low <= high, got (2.0, 1.0)"),
+        ({"output_std_range": [0, 1]}, "task.output_std_range values must be > 0, got (0.0, 1.0)"),
+        ({"first_layer_scale": float("inf")}, "task.first_layer_scale must be finite, got inf"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            metalens.make_task("random_mlp", **options)
     assert math.isfinite(metalens.make_task("random_mlp", x_dim=3).sample(2, generator=gen(0)).query_y.sum().item())

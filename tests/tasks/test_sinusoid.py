@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from torch.distributions import Normal
 
+import metalens
+from metalens.config import ConfigError
 from metalens.tasks.sinusoid import Sinusoid
 
 torch.set_num_threads(1)
@@ -173,12 +176,26 @@ def test_oracle_handles_a_thousand_tasks_with_bounded_components():
 def test_config_errors():
     with pytest.raises(ValueError, match=r"^shots must be >= 1, got 0$"):
         Sinusoid.Config(shots=0)
-    with pytest.raises(ValueError, match=r"amplitude_range must be \(low, high\) with low < high, got \(5.0, 0.1\)"):
+    with pytest.raises(ValueError, match=r"^amplitude_range must be increasing \(low < high\), got \(5.0, 0.1\)$"):
         Sinusoid.Config(amplitude_range=(5.0, 0.1))
-    with pytest.raises(ValueError, match="noise_std must be >= 0"):
+    with pytest.raises(ValueError, match="^noise_std must be >= 0, got -0.1$"):
         Sinusoid.Config(noise_std=-0.1)
-    with pytest.raises(ValueError, match="amplitude_range must be non-negative"):
+    with pytest.raises(ValueError, match=r"^amplitude_range values must be >= 0, got \(-1.0, 1.0\)$"):
         Sinusoid.Config(amplitude_range=(-1.0, 1.0))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"queries": 0}, "task.queries must be >= 1, got 0"),  # ge
+    ({"noise_std": -0.1}, "task.noise_std must be >= 0, got -0.1"),
+    ({"noise_std": float("nan")}, "task.noise_std must be finite, got nan"),  # floats are finite by default
+    ({"amplitude_range": [0.1, float("inf")]}, "task.amplitude_range must be finite, got (0.1, inf)"),
+    ({"x_range": [1, -1]}, "task.x_range must be increasing (low < high), got (1.0, -1.0)"),  # increasing
+    ({"phase_range": [0.0]}, "task.phase_range must be a list of 2 numbers, got [0.0]"),
+    ({"oracle_grid": [256, 1]}, "task.oracle_grid values must be >= 2, got (256, 1)"),  # ge on every element
+])
+def test_make_task_refuses_options_outside_their_declared_constraint(options, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        metalens.make_task("sinusoid", **options)
 
 
 def test_oracle_rejects_wrong_shapes():

@@ -12,26 +12,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.functional import fit_per_task, point_losses, task_apply
 from metalens.learners.base import Learner, masked_mean
-from metalens.nets import ACTIVATIONS, MLP, Conv4
+from metalens.nets import Activation, Conv4, MLP
 from metalens.registry import LEARNERS
 
 __all__ = ["Oracle", "Scratch", "Pretrain"]
-
-
-def _check_net_options(hidden: tuple[int, ...], activation: str) -> None:
-    if not hidden or any(h < 1 for h in hidden):
-        raise ValueError(f"hidden must be a non-empty list of widths >= 1, got {list(hidden)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
 
 
 @LEARNERS.register("oracle")
@@ -39,8 +33,8 @@ class Oracle(Learner):
     """The exact Bayes-optimal posterior predictive of the task family (nothing to train)."""
 
     @dataclass(frozen=True)
-    class Config:
-        pass
+    class Config(Options):
+        """No options: the oracle is the task family's."""
 
     trainable = False
     probabilistic = True
@@ -60,21 +54,14 @@ class Scratch(Learner):
     """A fresh network fitted to each task's support set by gradient descent (no meta-learning)."""
 
     @dataclass(frozen=True)
-    class Config:
-        hidden: tuple[int, ...] = opt((40, 40), "hidden layer widths of the MLP")
-        activation: str = opt("relu", "activation: relu, tanh, gelu or silu")
-        steps: int = opt(100, "gradient steps on each task's support set")
-        lr: float = opt(0.01, "learning rate of those steps")
-        optimizer: str = opt("adam", "optimiser of those steps: adam or sgd")
+    class Config(Options):
+        """Options of training from scratch."""
 
-        def __post_init__(self) -> None:
-            _check_net_options(self.hidden, self.activation)
-            if self.steps < 0:
-                raise ValueError(f"steps must be >= 0, got {self.steps}")
-            if not self.lr > 0:
-                raise ValueError(f"lr must be > 0, got {self.lr}")
-            if self.optimizer not in ("adam", "sgd"):
-                raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        hidden: tuple[int, ...] = opt((40, 40), "hidden layer widths of the MLP", ge=1, min_len=1)
+        activation: Activation = opt("relu", "activation of the MLP")
+        steps: int = opt(100, "gradient steps on each task's support set", ge=0)
+        lr: float = opt(0.01, "learning rate of those steps", gt=0)
+        optimizer: Literal["adam", "sgd"] = opt("adam", "optimiser of those steps")
 
     trainable = False
 
@@ -112,30 +99,18 @@ class Pretrain(Learner):
     """
 
     @dataclass(frozen=True)
-    class Config:
-        hidden: tuple[int, ...] = opt((40, 40), "mlp: hidden layer widths")
-        activation: str = opt("relu", "mlp: activation: relu, tanh, gelu or silu")
-        backbone: str = opt("mlp", "network: mlp (on the flattened input) or conv4 (image inputs; Conv-4 with a "
-                                   "linear head)")
-        channels: int = opt(64, "conv4: channels of every convolution")
+    class Config(Options):
+        """Options of pre-training + fine-tuning."""
+
+        hidden: tuple[int, ...] = opt((40, 40), "mlp: hidden layer widths", ge=1, min_len=1)
+        activation: Activation = opt("relu", "mlp: activation")
+        backbone: Literal["mlp", "conv4"] = opt(
+            "mlp", "network: mlp (on the flattened input) or conv4 (image inputs; Conv-4 with a linear head)")
+        channels: int = opt(64, "conv4: channels of every convolution", ge=1)
         finetune_steps: int = opt(10, "steps on each task's support set at prediction time (0: none; with "
-                                      "global classes the fresh head then stays at zero, i.e. chance)")
-        finetune_lr: float = opt(0.01, "learning rate of the fine-tuning steps")
-        finetune_optimizer: str = opt("sgd", "optimiser of the fine-tuning steps: sgd or adam")
-
-        def __post_init__(self) -> None:
-            _check_net_options(self.hidden, self.activation)
-            if self.backbone not in ("mlp", "conv4"):
-                raise ValueError(f"backbone must be 'mlp' or 'conv4', got {self.backbone!r}")
-            if self.channels < 1:
-                raise ValueError(f"channels must be >= 1, got {self.channels}")
-            if self.finetune_steps < 0:
-                raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
-            if not self.finetune_lr > 0:
-                raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
-            if self.finetune_optimizer not in ("adam", "sgd"):
-                raise ValueError(f"finetune_optimizer must be 'adam' or 'sgd', got {self.finetune_optimizer!r}")
-
+                                      "global classes the fresh head then stays at zero, i.e. chance)", ge=0)
+        finetune_lr: float = opt(0.01, "learning rate of the fine-tuning steps", gt=0)
+        finetune_optimizer: Literal["sgd", "adam"] = opt("sgd", "optimiser of the fine-tuning steps")
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())

@@ -43,18 +43,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
+from metalens.errors import NumericalError
 from metalens.functional import Params, point_losses, task_mean
 from metalens.learners.base import Learner, query_loss
-from metalens.nets import ACTIVATIONS, MLP, Conv4
+from metalens.nets import Activation, Conv4, MLP
 from metalens.registry import LEARNERS
 
 __all__ = [
@@ -66,7 +67,6 @@ __all__ = [
 # (phi, grads) -> next phi, over the adapted parameters of one task.
 StepRule = Callable[[Params, Params], Params]
 
-BATCHING = ("auto", "vmap", "loop")
 # What ``batching="auto"`` picks per backbone, measured with benchmarks/maml_speed.py on CPU.
 AUTO_BATCHING = {"mlp": "vmap", "conv4": "loop"}
 
@@ -367,36 +367,19 @@ def surrogate_loss(theta: Params, direction: Params) -> Tensor:
 # The learners: thin shells around the functional core
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class GradientConfig:
+class GradientConfig(Options):
     """Options shared by the gradient learners (defaults: Finn et al. 2017's sinusoid setup)."""
 
-    backbone: str = opt("mlp", "network: mlp (any inputs, flattened) or conv4 (image inputs)")
-    hidden: tuple[int, ...] = opt((40, 40), "mlp: hidden layer widths (empty: a linear model)")
-    activation: str = opt("relu", "mlp: activation: relu, tanh, gelu or silu")
-    channels: int = opt(64, "conv4: channels of every convolution")
-    blocks: int = opt(4, "conv4: number of conv-norm-relu-pool blocks")
-    inner_steps: int = opt(1, "inner gradient steps on the support set in meta-training")
-    inner_lr: float = opt(0.01, "inner learning rate alpha (Meta-SGD: the initial value of its learned rates)")
-    eval_inner_steps: int | None = opt(10, "inner steps when predicting (evaluation); null or 0: inner_steps")
-    batching: str = opt("auto", "tasks in parallel: vmap, loop, or auto (vmap for mlp, loop for conv4)")
-
-    def __post_init__(self) -> None:
-        if self.backbone not in ("mlp", "conv4"):
-            raise ValueError(f"backbone must be 'mlp' or 'conv4', got {self.backbone!r}")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden widths must be >= 1, got {list(self.hidden)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if self.channels < 1 or self.blocks < 1:
-            raise ValueError(f"channels and blocks must be >= 1, got {self.channels} and {self.blocks}")
-        if self.inner_steps < 0:
-            raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
-        if self.eval_inner_steps is not None and self.eval_inner_steps < 0:
-            raise ValueError(f"eval_inner_steps must be >= 0 (0 or null: inner_steps), got {self.eval_inner_steps}")
-        if not self.inner_lr > 0:
-            raise ValueError(f"inner_lr must be > 0, got {self.inner_lr}")
-        if self.batching not in BATCHING:
-            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+    backbone: Literal["mlp", "conv4"] = opt("mlp", "network: mlp (any inputs, flattened) or conv4 (image inputs)")
+    hidden: tuple[int, ...] = opt((40, 40), "mlp: hidden layer widths (empty: a linear model)", ge=1)
+    activation: Activation = opt("relu", "mlp: activation")
+    channels: int = opt(64, "conv4: channels of every convolution", ge=1)
+    blocks: int = opt(4, "conv4: number of conv-norm-relu-pool blocks", ge=1)
+    inner_steps: int = opt(1, "inner gradient steps on the support set in meta-training", ge=0)
+    inner_lr: float = opt(0.01, "inner learning rate alpha (Meta-SGD: the initial value of its learned rates)", gt=0)
+    eval_inner_steps: int | None = opt(10, "inner steps when predicting (evaluation); null or 0: inner_steps", ge=0)
+    batching: Literal["auto", "vmap", "loop"] = opt(
+        "auto", "tasks in parallel: vmap, a Python loop, or auto (vmap for mlp, loop for conv4)")
 
 
 class GradientLearner(Learner):
@@ -511,7 +494,7 @@ class GradientLearner(Learner):
         """
         out = self.adapt_and_apply(self.theta(), support_x, support_y, support_mask, query_x, steps=self.eval_steps)
         if not bool(torch.isfinite(out).all()):
-            raise FloatingPointError(
+            raise NumericalError(
                 f"{self.registry_name}: the inner loop diverged on some tasks (non-finite predictions after "
                 f"{self.eval_steps} steps of rate {self.config.inner_lr}); lower inner_lr or eval_inner_steps")
         return self.output_distribution(out)
@@ -546,7 +529,8 @@ class FOMAML(GradientLearner):
 class MetaSGDConfig(GradientConfig):
     """Options of Meta-SGD (its learned rates are tuned to ``inner_steps``, so evaluation takes as many)."""
 
-    eval_inner_steps: int | None = opt(None, "inner steps when predicting (evaluation); null or 0: inner_steps")
+    eval_inner_steps: int | None = opt(None, "inner steps when predicting (evaluation); null or 0: inner_steps",
+                                       ge=0)
 
 
 @LEARNERS.register("metasgd")
@@ -584,15 +568,10 @@ class ANIL(GradientLearner):
 class ReptileConfig(GradientConfig):
     """Options of Reptile."""
 
-    inner_steps: int = opt(5, "inner SGD steps from theta to phi in meta-training")
-    inner_data: str = opt("support", "points the inner steps fit in meta-training: support, or support+query")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.inner_steps < 1:
-            raise ValueError(f"Reptile needs inner_steps >= 1 (0 steps give no meta-gradient), got {self.inner_steps}")
-        if self.inner_data not in ("support", "support+query"):
-            raise ValueError(f"inner_data must be 'support' or 'support+query', got {self.inner_data!r}")
+    inner_steps: int = opt(5, "inner SGD steps from theta to phi in meta-training (0 would give no meta-gradient)",
+                           ge=1)
+    inner_data: Literal["support", "support+query"] = opt(
+        "support", "points the inner steps fit in meta-training: support, or support and query points")
 
 
 @LEARNERS.register("reptile")
@@ -638,26 +617,21 @@ def _ones_if_none(mask: Tensor | None, T: int, n: int, device: torch.device) -> 
 class IMAMLConfig(GradientConfig):
     """Options of implicit MAML."""
 
-    inner_steps: int = opt(10, "inner gradient steps on the regularised support loss in meta-training")
-    lam: float = opt(1.0, "lambda: weight of the proximal term lambda/2 ||phi - theta||^2")
-    cg_steps: int = opt(5, "conjugate-gradient iterations for (I + H/lambda)^-1 grad L_Q")
-    cg_damping: float = opt(0.0, "damping d: solve ((1 + d) I + H/lambda) x = grad L_Q (keeps it positive definite)")
-    inner_solver: str = opt("bb", "inner steps: bb (Barzilai-Borwein rates from inner_lr, capped at 1/lam, never "
-                                  "raising the inner objective; see solve_proximal) or gd (fixed inner_lr)")
+    inner_steps: int = opt(10, "inner gradient steps on the regularised support loss in meta-training", ge=0)
+    lam: float = opt(1.0, "lambda: weight of the proximal term lambda/2 ||phi - theta||^2 (inner_lr * lam < 2)",
+                     gt=0)
+    cg_steps: int = opt(5, "conjugate-gradient iterations for (I + H/lambda)^-1 grad L_Q", ge=1)
+    cg_damping: float = opt(0.0, "damping d: solve ((1 + d) I + H/lambda) x = grad L_Q (keeps it positive definite)",
+                            ge=0)
+    inner_solver: Literal["bb", "gd"] = opt(
+        "bb", "inner steps: bb (Barzilai-Borwein rates from inner_lr, capped at 1/lam, never raising the inner "
+              "objective; see solve_proximal) or gd (fixed inner_lr)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.lam > 0:
-            raise ValueError(f"lam must be > 0, got {self.lam}")
+    def check(self) -> None:
+        super().check()
         if not self.inner_lr * self.lam < 2:
             raise ValueError(f"inner_lr * lam must be < 2 or the inner steps diverge on the proximal term, "
                              f"got {self.inner_lr} * {self.lam}; lower inner_lr or lam")
-        if self.cg_steps < 1:
-            raise ValueError(f"cg_steps must be >= 1, got {self.cg_steps}")
-        if self.cg_damping < 0:
-            raise ValueError(f"cg_damping must be >= 0, got {self.cg_damping}")
-        if self.inner_solver not in ("bb", "gd"):
-            raise ValueError(f"inner_solver must be 'bb' or 'gd', got {self.inner_solver!r}")
 
 
 @LEARNERS.register("imaml")

@@ -74,7 +74,6 @@ torch.Size([3, 4, 1])
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,7 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
 
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.learners.base import Learner, query_loss
 from metalens.nets import TransformerBlock
@@ -96,13 +95,6 @@ __all__ = ["InContextTransformer", "InContextLSTM"]
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------
-def _check_loss(loss: str, min_scale: float) -> None:
-    if loss not in ("mse", "nll"):
-        raise ValueError(f"loss must be 'mse' or 'nll', got {loss!r}")
-    if not 0 < min_scale < 1:
-        raise ValueError(f"min_scale must be in (0, 1), got {min_scale}")
-
-
 def _full_mask(mask: Tensor | None, T: int, n: int, device: torch.device) -> Tensor:
     return mask if mask is not None else torch.ones(T, n, dtype=torch.bool, device=device)
 
@@ -161,30 +153,23 @@ class InContextTransformer(_InContext):
     """A transformer that learns in context: support (x, y) tokens, query x tokens (Garg et al.; GPICL)."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """Options of the in-context transformer."""
 
         mode: Literal["set", "sequence"] = opt(
             "set", "set: queries attend to the whole support set, order-free; sequence: causal, "
                    "trained on every position (GPICL)")
-        dim: int = opt(64, "width of the tokens (d_model)")
-        layers: int = opt(4, "transformer blocks")
-        heads: int = opt(4, "attention heads (must divide dim)")
-        mlp_ratio: int = opt(4, "width of each block's MLP, in multiples of dim")
+        dim: int = opt(64, "width of the tokens (d_model)", ge=1)
+        layers: int = opt(4, "transformer blocks", ge=1)
+        heads: int = opt(4, "attention heads (must divide dim)", ge=1)
+        mlp_ratio: int = opt(4, "width of each block's MLP, in multiples of dim", ge=1)
         loss: Literal["mse", "nll"] = opt(
             "mse", "regression: mse (predictive mean only) or nll (Gaussian mean and scale)")
-        min_scale: float = opt(0.01, "loss nll: lower bound of the predicted standard deviation")
+        min_scale: float = opt(0.01, "loss nll: lower bound of the predicted standard deviation", gt=0, lt=1)
 
-        def __post_init__(self) -> None:
-            if self.mode not in ("set", "sequence"):
-                raise ValueError(f"mode must be 'set' or 'sequence', got {self.mode!r}")
-            for name in ("dim", "layers", "heads", "mlp_ratio"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        def check(self) -> None:
             if self.dim % self.heads:
                 raise ValueError(f"heads must divide dim, got dim={self.dim} and heads={self.heads}")
-            _check_loss(self.loss, self.min_scale)
-
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())
@@ -258,21 +243,14 @@ class InContextLSTM(_InContext):
     """An LSTM reading (x_t, y_{t-1}) pairs and predicting y_t (Santoro et al. 2016; Duan et al. 2016)."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """Options of the in-context LSTM."""
 
-        hidden: int = opt(128, "width of the LSTM state")
-        layers: int = opt(1, "stacked LSTM layers")
+        hidden: int = opt(128, "width of the LSTM state", ge=1)
+        layers: int = opt(1, "stacked LSTM layers", ge=1)
         loss: Literal["mse", "nll"] = opt(
             "mse", "regression: mse (predictive mean only) or nll (Gaussian mean and scale)")
-        min_scale: float = opt(0.01, "loss nll: lower bound of the predicted standard deviation")
-
-        def __post_init__(self) -> None:
-            for name in ("hidden", "layers"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-            _check_loss(self.loss, self.min_scale)
-
+        min_scale: float = opt(0.01, "loss nll: lower bound of the predicted standard deviation", gt=0, lt=1)
 
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())

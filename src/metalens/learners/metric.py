@@ -40,13 +40,15 @@ tensor([[1]])
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution
 
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import TaskSpec
 from metalens.learners.base import Learner
 from metalens.nets import MLP, Conv4
@@ -55,30 +57,22 @@ from metalens.registry import LEARNERS
 __all__ = ["MetricConfig", "MatchingConfig", "ProtoNet", "MatchingNet", "make_embedding", 
            "BACKBONES", "CHUNK_IMAGES"]
 
-BACKBONES = ("auto", "conv4", "mlp", "identity")
+Backbone = Literal["auto", "conv4", "mlp", "identity"]
+BACKBONES: tuple[str, ...] = typing.get_args(Backbone)
 CHUNK_IMAGES = 128  # conv4 embeds at most this many images at once (whole tasks; see embeddings)
 
 
 
 @dataclass(frozen=True)
-class MetricConfig:
+class MetricConfig(Options):
     """Options shared by the metric learners: the embedding network."""
 
-    backbone: str = opt("auto", "embedding: auto (conv4 for images, else mlp), conv4, mlp or identity")
-    channels: int = opt(64, "conv4: channels of every convolution (the embedding's width)")
-    blocks: int = opt(4, "conv4: number of conv-norm-relu-pool blocks")
-    hidden: tuple[int, ...] = opt((64, 64), "mlp: hidden layer widths")
-    embedding_dim: int = opt(64, "mlp: width of the embedding")
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if self.channels < 1 or self.blocks < 1:
-            raise ValueError(f"channels and blocks must be >= 1, got {self.channels} and {self.blocks}")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden widths must be >= 1, got {list(self.hidden)}")
-        if self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+    backbone: Backbone = opt("auto", "embedding network; auto: conv4 for image inputs, else mlp; identity: the "
+                                     "flattened input")
+    channels: int = opt(64, "conv4: channels of every convolution (the embedding's width)", ge=1)
+    blocks: int = opt(4, "conv4: number of conv-norm-relu-pool blocks", ge=1)
+    hidden: tuple[int, ...] = opt((64, 64), "mlp: hidden layer widths", ge=1)
+    embedding_dim: int = opt(64, "mlp: width of the embedding", ge=1)
 
 
 class _Flatten(nn.Module):
@@ -195,16 +189,9 @@ class MatchingConfig(MetricConfig):
 
     fce: bool = opt(False, "full-context embeddings: a bidirectional LSTM over the support set (g) and an "
                            "attention LSTM for the queries (f)")
-    fce_steps: int = opt(5, "fce: processing steps of the attention LSTM (K in the paper)")
+    fce_steps: int = opt(5, "fce: processing steps of the attention LSTM (K in the paper)", ge=1)
     scale: float = opt(10.0, "cosine similarities are multiplied by this before the softmax "
-                             "(1: the paper's formula; larger makes the attention sharper and training faster)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.fce_steps < 1:
-            raise ValueError(f"fce_steps must be >= 1, got {self.fce_steps}")
-        if not self.scale > 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
+                             "(1: the paper's formula; larger makes the attention sharper and training faster)", gt=0)
 
 
 class _AttentionLSTM(nn.Module):

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +81,10 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, MixtureSameFamily, Normal, kl_divergence
 
 from metalens import rng
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.learners.base import Learner
-from metalens.nets import ACTIVATIONS, MLP, MultiheadAttention, SelfAttentionBlock
+from metalens.nets import Activation, MLP, MultiheadAttention, SelfAttentionBlock
 from metalens.registry import LEARNERS
 
 __all__ = [
@@ -159,66 +160,42 @@ class GaussianDecoder(nn.Module):
 # Configs
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CNPConfig:
+class CNPConfig(Options):
     """Options of the Conditional Neural Process (defaults: Kim et al. 2019, 1-D regression)."""
 
-    hidden: int = opt(128, "width of every layer (encoders, attention, decoder)")
-    encoder_layers: int = opt(3, "linear layers of the per-point encoder MLP(x_i, y_i)")
-    decoder_layers: int = opt(3, "linear layers of the decoder MLP(r_t, z, x_t)")
-    activation: str = opt("relu", "activation: relu, tanh, gelu or silu")
-    min_scale: float = opt(0.01, "lower bound of the decoder's standard deviation (0.1 in Le et al. 2018)")
-
-    def __post_init__(self) -> None:
-        if self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
-        for name in ("encoder_layers", "decoder_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if not 0.0 < self.min_scale < 1.0:
-            raise ValueError(f"min_scale must be in (0, 1), got {self.min_scale}")
+    hidden: int = opt(128, "width of every layer (encoders, attention, decoder)", ge=1)
+    encoder_layers: int = opt(3, "linear layers of the per-point encoder MLP(x_i, y_i)", ge=1)
+    decoder_layers: int = opt(3, "linear layers of the decoder MLP(r_t, z, x_t)", ge=1)
+    activation: Activation = opt("relu", "activation of the MLPs")
+    min_scale: float = opt(0.01, "lower bound of the decoder's standard deviation (0.1 in Le et al. 2018)", gt=0, lt=1)
 
 
 @dataclass(frozen=True)
 class LNPConfig(CNPConfig):
     """Options of the latent Neural Process."""
 
-    latent_dim: int = opt(128, "dimension of the global latent z")
-    objective: str = opt("elbo", "training objective: elbo (conditional ELBO, the papers') or ml (NP-ML, Foong et "
-                                 "al. 2020: log of a train_samples-sample estimate of p(y_T | x_T, C) with z ~ q(z | C))")
+    latent_dim: int = opt(128, "dimension of the global latent z", ge=1)
+    objective: Literal["elbo", "ml"] = opt(
+        "elbo", "training objective: elbo (conditional ELBO, the papers') or ml (NP-ML, Foong et al. 2020: log of a "
+                "train_samples-sample estimate of p(y_T | x_T, C) with z ~ q(z | C))")
     train_samples: int = opt(1, "z samples per task in training (the ELBO's reconstruction term; ml: its estimate, "
-                                "16 or more)")
-    eval_samples: int = opt(32, "K: z samples ~ q(z | context) in the predictive mixture (evaluation)")
-    eval_seed: int = opt(0, "seed of the evaluation-time z samples (stream EVAL_LEARNER)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("latent_dim", "train_samples", "eval_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_seed < 0:
-            raise ValueError(f"eval_seed must be >= 0, got {self.eval_seed}")
-        if self.objective not in ("elbo", "ml"):
-            raise ValueError(f"objective must be 'elbo' or 'ml', got {self.objective!r}")
+                                "16 or more)", ge=1)
+    eval_samples: int = opt(32, "K: z samples ~ q(z | context) in the predictive mixture (evaluation)", ge=1)
+    eval_seed: int = opt(0, "seed of the evaluation-time z samples (stream EVAL_LEARNER)", ge=0)
 
 
 @dataclass(frozen=True)
 class ANPConfig(LNPConfig):
     """Options of the Attentive Neural Process."""
 
-    heads: int = opt(8, "attention heads (must divide hidden)")
-    self_attention: int = opt(1, "self-attention blocks over the context in each encoder path (0: none)")
-    query_layers: int = opt(2, "linear layers of the MLP(x) giving cross-attention queries and keys")
+    heads: int = opt(8, "attention heads (must divide hidden)", ge=1)
+    self_attention: int = opt(1, "self-attention blocks over the context in each encoder path (0: none)", ge=0)
+    query_layers: int = opt(2, "linear layers of the MLP(x) giving cross-attention queries and keys", ge=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.heads < 1 or self.hidden % self.heads != 0:
-            raise ValueError(f"heads must be >= 1 and divide hidden={self.hidden}, got {self.heads}")
-        if self.self_attention < 0:
-            raise ValueError(f"self_attention must be >= 0, got {self.self_attention}")
-        if self.query_layers < 1:
-            raise ValueError(f"query_layers must be >= 1, got {self.query_layers}")
+    def check(self) -> None:
+        super().check()
+        if self.hidden % self.heads:
+            raise ValueError(f"heads must divide hidden = {self.hidden}, got {self.heads}")
 
 
 # --------------------------------------------------------------------------------------------

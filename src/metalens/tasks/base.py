@@ -5,9 +5,10 @@ A task family is a distribution over tasks. It samples batches of tasks as
 the family makes it tractable, gives the exact Bayes-optimal posterior predictive
 (the *oracle*) for any support set.
 
-Subclasses define a nested frozen dataclass ``Config`` (one documented field per
-option, ranges checked in ``__post_init__``), ``spec``, ``sample`` and, if they can,
-``oracle``; they register with ``@TASKS.register("name")``.
+Subclasses define a nested frozen dataclass ``Config`` deriving from
+:class:`~metalens.config.Options` (one field per option, made with ``opt``: its default,
+help and declared constraint), ``spec``, ``sample`` and, if they can, ``oracle``; they
+register with ``@TASKS.register("name")``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.distributions import Distribution
 from metalens import rng
 from metalens.episode import Episode, TaskSpec
 
-__all__ = ["TaskFamily", "Split", "EVAL_CHUNK", "check_pool_options"]
+__all__ = ["TaskFamily", "Split", "EVAL_CHUNK"]
 
 Split = Literal["train", "val", "test"]
 
@@ -30,15 +31,6 @@ Split = Literal["train", "val", "test"]
 # generator(seed, Stream.EVAL, c): task i of an evaluation is the same whatever the
 # number of episodes asked for or the batch size used to score them.
 EVAL_CHUNK = 50
-
-
-def check_pool_options(pool_log2: int | None, pool_seed: int) -> None:
-    """Validate the options of a family with a finite pool of ``2**pool_log2`` tasks (None: unbounded)."""
-    if pool_log2 is not None and (isinstance(pool_log2, bool) or not isinstance(pool_log2, int)
-                                  or not 0 <= pool_log2 <= 40):
-        raise ValueError(f"pool_log2 must be None or an integer in [0, 40], got {pool_log2!r}")
-    if pool_seed < 0:
-        raise ValueError(f"pool_seed must be >= 0, got {pool_seed}")
 
 
 class TaskFamily(ABC):

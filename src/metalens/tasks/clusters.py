@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution
 
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.registry import TASKS
 from metalens.tasks.base import Split, TaskFamily
@@ -93,26 +93,14 @@ class Clusters(TaskFamily):
     """N-way K-shot 2-D Gaussian clusters with class means uniform on a disk."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """Options of the 2-D Gaussian-clusters family."""
 
-        ways: int = opt(5, "classes per task (N)")
-        shots: int = opt(1, "support points per class (K)")
-        queries: int = opt(5, "query points per class")
-        radius: float = opt(3.0, "class means are uniform on the disk of this radius")
-        std: float = opt(1.0, "standard deviation of the points around their class mean")
-
-        def __post_init__(self) -> None:
-            if self.ways < 2:
-                raise ValueError(f"ways must be >= 2, got {self.ways}")
-            if self.shots < 1:
-                raise ValueError(f"shots must be >= 1, got {self.shots}")
-            if self.queries < 1:
-                raise ValueError(f"queries must be >= 1, got {self.queries}")
-            if not self.radius > 0:
-                raise ValueError(f"radius must be > 0, got {self.radius}")
-            if not self.std > 0:
-                raise ValueError(f"std must be > 0, got {self.std}")
+        ways: int = opt(5, "classes per task (N)", ge=2)
+        shots: int = opt(1, "support points per class (K)", ge=1)
+        queries: int = opt(5, "query points per class", ge=1)
+        radius: float = opt(3.0, "class means are uniform on the disk of this radius", gt=0)
+        std: float = opt(1.0, "standard deviation of the points around their class mean", gt=0)
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())

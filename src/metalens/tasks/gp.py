@@ -32,6 +32,7 @@ torch.Size([4, 8, 1])
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,14 +41,15 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, MixtureSameFamily, Normal
 
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.registry import TASKS
 from metalens.tasks.base import Split, TaskFamily
 
 __all__ = ["GP", "kernel_matrix", "KERNELS"]
 
-KERNELS = ("rbf", "matern52", "periodic")
+Kernel = Literal["rbf", "matern52", "periodic"]
+KERNELS: tuple[str, ...] = typing.get_args(Kernel)
 # Diagonal jitter, relative to the signal variance, added to the covariance when
 # sampling. It acts as extra white noise on every point, so the oracle adds it to
 # the noise variance and stays exact for the sampler.
@@ -86,55 +88,35 @@ def kernel_matrix(kernel: str, x1: Tensor, x2: Tensor, lengthscale: Tensor | flo
     return k.mul_(variance) if variance != 1.0 else k
 
 
-def _check_range(name: str, r: tuple[float, float]) -> None:
-    if len(r) != 2 or not r[0] < r[1]:
-        raise ValueError(f"{name} must be (low, high) with low < high, got {tuple(r)}")
-
-
 @TASKS.register("gp")
 class GP(TaskFamily):
     """1-D Gaussian-process functions with a random number of points (ConvCNP protocol)."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """Options of the GP family (defaults: Gordon et al., 2020)."""
 
-        kernel: Literal["rbf", "matern52", "periodic"] = opt(
-            "rbf", "covariance: rbf, matern52 or periodic (weakly periodic)")
-        lengthscale: float = opt(0.25, "kernel length scale (periodic: the period; ignored with lengthscale_range)")
+        kernel: Kernel = opt("rbf", "covariance (periodic: weakly periodic; see the module docstring)")
+        lengthscale: float = opt(0.25, "kernel length scale (periodic: the period; ignored with lengthscale_range)",
+                                 gt=0)
         lengthscale_range: tuple[float, float] | None = opt(
-            None, "(low, high): a length scale per task, log-uniform on [low, high]; None: fixed")
-        signal_variance: float = opt(1.0, "prior variance of f(x), k(x, x)")
-        noise_std: float = opt(0.05, "standard deviation of the Gaussian noise on y")
-        x_range: tuple[float, float] = opt((-2.0, 2.0), "inputs x ~ U[low, high]")
-        min_context: int = opt(3, "fewest support (context) points per task")
-        max_context: int = opt(50, "most support (context) points per task")
-        min_target: int = opt(3, "fewest query (target) points per task")
-        max_target: int = opt(50, "most query (target) points per task")
-        oracle_nodes: int = opt(48, "Gauss-Legendre nodes in log length scale for the oracle (random length scale)")
+            None, "(low, high): a length scale per task, log-uniform on [low, high]; None: fixed", gt=0,
+            increasing=True)
+        signal_variance: float = opt(1.0, "prior variance of f(x), k(x, x)", gt=0)
+        noise_std: float = opt(0.05, "standard deviation of the Gaussian noise on y", ge=0)
+        x_range: tuple[float, float] = opt((-2.0, 2.0), "inputs x ~ U[low, high]", increasing=True)
+        min_context: int = opt(3, "fewest support (context) points per task", ge=1)
+        max_context: int = opt(50, "most support (context) points per task (at least min_context)", ge=1)
+        min_target: int = opt(3, "fewest query (target) points per task", ge=1)
+        max_target: int = opt(50, "most query (target) points per task (at least min_target)", ge=1)
+        oracle_nodes: int = opt(48, "Gauss-Legendre nodes in log length scale for the oracle (random length scale)",
+                                ge=1)
 
-        def __post_init__(self) -> None:
-            if self.kernel not in KERNELS:
-                raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {self.kernel!r}")
-            if not self.lengthscale > 0:
-                raise ValueError(f"lengthscale must be > 0, got {self.lengthscale}")
-            if self.lengthscale_range is not None:
-                _check_range("lengthscale_range", self.lengthscale_range)
-                if not self.lengthscale_range[0] > 0:
-                    raise ValueError(f"lengthscale_range must be positive, got {tuple(self.lengthscale_range)}")
-            if not self.signal_variance > 0:
-                raise ValueError(f"signal_variance must be > 0, got {self.signal_variance}")
-            if not self.noise_std >= 0:
-                raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-            _check_range("x_range", self.x_range)
+        def check(self) -> None:
             for what in ("context", "target"):
                 lo, hi = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
-                if lo < 1:
-                    raise ValueError(f"min_{what} must be >= 1, got {lo}")
                 if hi < lo:
                     raise ValueError(f"max_{what} must be >= min_{what} = {lo}, got {hi}")
-            if self.oracle_nodes < 1:
-                raise ValueError(f"oracle_nodes must be >= 1, got {self.oracle_nodes}")
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())

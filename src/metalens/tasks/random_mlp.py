@@ -55,10 +55,10 @@ from torch import Tensor
 from torch.distributions import Categorical, Distribution, MixtureSameFamily, Normal
 
 from metalens import rng
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.registry import TASKS
-from metalens.tasks.base import Split, TaskFamily, check_pool_options
+from metalens.tasks.base import Split, TaskFamily
 
 __all__ = ["RandomMLP", "MLPFunctions", "ORACLE_MAX_LOG2"]
 
@@ -70,12 +70,6 @@ _CHUNK_ELEMENTS = 1 << 22  # largest [members x points x hidden] block the oracl
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": torch.nn.functional.gelu,
                 "silu": torch.nn.functional.silu}
-
-
-def _check_range(name: str, r: tuple[float, float], *, strict: bool) -> None:
-    if len(r) != 2 or not (r[0] < r[1] if strict else r[0] <= r[1]):
-        rel = "<" if strict else "<="
-        raise ValueError(f"{name} must be (low, high) with low {rel} high, got {tuple(r)}")
 
 
 @dataclass(frozen=True)
@@ -125,43 +119,26 @@ class RandomMLP(TaskFamily):
     """Functions given by randomly initialised MLPs; a finite pool of 2^k of them or an unbounded stream (GPICL)."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """Options of the random-MLP family."""
 
-        x_dim: int = opt(1, "input width")
-        y_dim: int = opt(1, "output width")
-        hidden: int = opt(32, "width of each hidden layer of the random MLPs")
-        depth: int = opt(2, "hidden layers of the random MLPs")
-        activation: Literal["relu", "tanh", "gelu", "silu"] = opt("tanh", "activation: relu, tanh, gelu or silu")
-        first_layer_scale: float = opt(3.0, "multiplies the first layer's pre-activations: larger, wigglier functions")
-        x_range: tuple[float, float] = opt((-5.0, 5.0), "inputs x ~ U[low, high] in every dimension")
+        x_dim: int = opt(1, "input width", ge=1)
+        y_dim: int = opt(1, "output width", ge=1)
+        hidden: int = opt(32, "width of each hidden layer of the random MLPs", ge=1)
+        depth: int = opt(2, "hidden layers of the random MLPs", ge=1)
+        activation: Literal["relu", "tanh", "gelu", "silu"] = opt("tanh", "activation of the random MLPs")
+        first_layer_scale: float = opt(3.0, "multiplies the first layer's pre-activations: larger, wigglier functions",
+                                       gt=0)
+        x_range: tuple[float, float] = opt((-5.0, 5.0), "inputs x ~ U[low, high] in every dimension", increasing=True)
         output_std_range: tuple[float, float] = opt(
-            (0.5, 2.0), "each task's standard deviation of f(x) over the inputs, ~ U[low, high]")
-        noise_std: float = opt(0.0, "standard deviation of the Gaussian noise on y")
-        shots: int = opt(10, "support points per task")
-        queries: int = opt(10, "query points per task")
-        pool_log2: int | None = opt(None, "k: meta-train on a pool of 2^k fixed functions; None: an unbounded stream")
-        pool_seed: int = opt(0, "seed that fixes which functions the pool holds")
-
-        def __post_init__(self) -> None:
-            for name in ("x_dim", "y_dim", "hidden", "depth"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-            if self.activation not in _ACTIVATIONS:
-                raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}; got {self.activation!r}")
-            if not self.first_layer_scale > 0:
-                raise ValueError(f"first_layer_scale must be > 0, got {self.first_layer_scale}")
-            _check_range("x_range", self.x_range, strict=True)
-            _check_range("output_std_range", self.output_std_range, strict=False)
-            if not self.output_std_range[0] > 0:
-                raise ValueError(f"output_std_range must be positive, got {tuple(self.output_std_range)}")
-            if not self.noise_std >= 0:
-                raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-            if self.shots < 1:
-                raise ValueError(f"shots must be >= 1, got {self.shots}")
-            if self.queries < 1:
-                raise ValueError(f"queries must be >= 1, got {self.queries}")
-            check_pool_options(self.pool_log2, self.pool_seed)
+            (0.5, 2.0), "each task's standard deviation of f(x) over the inputs, ~ U[low, high], low <= high (equal: "
+                        "one scale for every task)", gt=0, nondecreasing=True)
+        noise_std: float = opt(0.0, "standard deviation of the Gaussian noise on y", ge=0)
+        shots: int = opt(10, "support points per task", ge=1)
+        queries: int = opt(10, "query points per task", ge=1)
+        pool_log2: int | None = opt(None, "k: meta-train on a pool of 2^k fixed functions; None: an unbounded stream",
+                                    ge=0, le=40)
+        pool_seed: int = opt(0, "seed that fixes which functions the pool holds", ge=0)
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, MixtureSameFamily, Normal
 
-from metalens.config import opt
+from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.registry import TASKS
 from metalens.tasks.base import Split, TaskFamily
@@ -39,44 +39,23 @@ _CHUNK_ELEMENTS = 1 << 22
 _EMPTY = -1e4
 
 
-def _check_range(name: str, r: tuple[float, float]) -> None:
-    if len(r) != 2 or not r[0] < r[1]:
-        raise ValueError(f"{name} must be (low, high) with low < high, got {tuple(r)}")
-
-
 @TASKS.register("sinusoid")
 class Sinusoid(TaskFamily):
     """Sine waves with random amplitude and phase (Finn et al., 2017)."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Options):
         """Options of the sinusoid family (defaults: Finn et al., 2017)."""
 
-        shots: int = opt(10, "support points per task")
-        queries: int = opt(10, "query points per task")
-        amplitude_range: tuple[float, float] = opt((0.1, 5.0), "amplitude A ~ U[low, high]")
-        phase_range: tuple[float, float] = opt((0.0, math.pi), "phase ~ U[low, high] (radians)")
-        x_range: tuple[float, float] = opt((-5.0, 5.0), "inputs x ~ U[low, high]")
-        noise_std: float = opt(0.0, "standard deviation of the Gaussian noise on y")
-        oracle_grid: tuple[int, int] = opt((256, 256), "oracle quadrature grid: (amplitude points, phase points)")
-        oracle_components: int = opt(1024, "most components of the oracle's predictive mixture per task")
-
-        def __post_init__(self) -> None:
-            if self.shots < 1:
-                raise ValueError(f"shots must be >= 1, got {self.shots}")
-            if self.queries < 1:
-                raise ValueError(f"queries must be >= 1, got {self.queries}")
-            _check_range("amplitude_range", self.amplitude_range)
-            if self.amplitude_range[0] < 0:
-                raise ValueError(f"amplitude_range must be non-negative, got {tuple(self.amplitude_range)}")
-            _check_range("phase_range", self.phase_range)
-            _check_range("x_range", self.x_range)
-            if not self.noise_std >= 0:
-                raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-            if len(self.oracle_grid) != 2 or min(self.oracle_grid) < 2:
-                raise ValueError(f"oracle_grid must be two sizes >= 2, got {tuple(self.oracle_grid)}")
-            if self.oracle_components < 1:
-                raise ValueError(f"oracle_components must be >= 1, got {self.oracle_components}")
+        shots: int = opt(10, "support points per task", ge=1)
+        queries: int = opt(10, "query points per task", ge=1)
+        amplitude_range: tuple[float, float] = opt((0.1, 5.0), "amplitude A ~ U[low, high]", ge=0, increasing=True)
+        phase_range: tuple[float, float] = opt((0.0, math.pi), "phase ~ U[low, high] (radians)", increasing=True)
+        x_range: tuple[float, float] = opt((-5.0, 5.0), "inputs x ~ U[low, high]", increasing=True)
+        noise_std: float = opt(0.0, "standard deviation of the Gaussian noise on y", ge=0)
+        oracle_grid: tuple[int, int] = opt((256, 256), "oracle quadrature grid: (amplitude points, phase points)",
+                                           ge=2)
+        oracle_components: int = opt(1024, "most components of the oracle's predictive mixture per task", ge=1)
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())
