@@ -1,12 +1,15 @@
-"""Image families: the Omniglot zips against their README, splits, rotations, episodes,
-image decoding, and safe extraction and download.
+"""The ``images`` family: splits, rotations, episodes, the default data (zips with and without
+images), data that does not fit the options, and its options' declared constraints.
 
-The shipped data lives at <repo>/../shared/data/omniglot (as in CI).
+Decoding, archives and reading a source are tested in tests/data. The shipped data lives at
+<repo>/../shared/data/omniglot (as in CI).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 import zipfile
 from pathlib import Path
 
@@ -15,67 +18,27 @@ import pytest
 import torch
 from PIL import Image
 
-from metalens.tasks import images
-from metalens.tasks.images import (
-    ImageFolder, Omniglot, UnsafeArchiveError, download, download_omniglot, extract_zip, load_image, md5sum,
-    read_images,
-)
+import metalens
+from metalens.config import ConfigError, from_dict
+from metalens.data import images as data_images
+from metalens.errors import DataError
+from metalens.tasks.images import ImageFolder
 
 torch.set_num_threads(1)
 
 DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "omniglot").resolve()
-SMALL1, SMALL2 = DATA / "images_background_small1.zip", DATA / "images_background_small2.zip"
+SMALL1 = DATA / "images_background_small1.zip"
 SEED = 20240611
 
-# from ../shared/data/omniglot/README.md
-README_SMALL1 = {"Balinese": 24, "Early_Aramaic": 22, "Greek": 24, "Korean": 40, "Latin": 26}
-README_SMALL2 = {"Greek": 24, "Japanese_(katakana)": 47, "Latin": 26, "Sanskrit": 42, "Tagalog": 17}
-
-pytestmark = pytest.mark.skipif(not SMALL1.exists(), reason=f"Omniglot minimal sets not found at {DATA}")
+needs_data = pytest.mark.skipif(not SMALL1.exists(), reason=f"Omniglot minimal sets not found at {DATA}")
 
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def omniglot(**options) -> Omniglot:
-    return Omniglot(Omniglot.Config(root=str(DATA), **options))
-
-
-# -- the data against its README ------------------------------------------------------------------
-@pytest.mark.parametrize("path,readme,n_images", [(SMALL1, README_SMALL1, 2720), (SMALL2, README_SMALL2, 3120)],
-                         ids=["small1", "small2"])
-def test_zip_counts_match_the_readme(path, readme, n_images):
-    s = read_images(path)
-    assert s.groups == tuple(sorted(readme))
-    per_group = {g: sum(k.startswith(g + "/") for k in s.classes) for g in s.groups}
-    assert per_group == readme
-    assert len(s.classes) == sum(readme.values()) and s.images.shape == (n_images, 28, 28)
-    assert s.images.dtype == torch.uint8
-    assert torch.equal(torch.bincount(s.labels), torch.full((len(s.classes),), 20))  # 20 drawers each
-
-
-def test_greek_and_latin_are_the_same_images_in_both_zips():
-    a, b = read_images(SMALL1), read_images(SMALL2)
-    for k in ("Greek/character01", "Latin/character26"):
-        ia, ib = a.classes.index(k), b.classes.index(k)
-        assert torch.equal(a.images[a.labels == ia], b.images[b.labels == ib]), k
-
-
-def test_omniglot_small_protocol_holds_out_the_small2_only_alphabets():
-    f = omniglot(rotations="none")
-    assert f.groups("train") == sorted(README_SMALL1)
-    assert f.groups("test") == ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
-    assert len(f.classes("train")) == 136 and f.n_images("train") == 2720
-    assert len(f.classes("test")) == 47 + 42 + 17 and f.n_images("test") == 2120
-    assert f.classes("val") == []
-    assert len(f.classes("train")) + len(f.classes("test")) == 242  # the README's union: 242 characters
-    assert f.n_images("train") + f.n_images("test") == 4840
-    with pytest.raises(ValueError, match="the val split has 0 classes"):
-        f.sample(1, generator=gen(SEED), split="val")
-
-
 # -- splits ------------------------------------------------------------------------------------
+@needs_data
 @pytest.mark.parametrize("by", ["class", "group"])
 def test_seeded_splits_are_disjoint_complete_and_deterministic(by):
     def make(seed):
@@ -95,6 +58,7 @@ def test_seeded_splits_are_disjoint_complete_and_deterministic(by):
         assert not (groups["train"] & groups["test"] or groups["val"] & groups["test"])
 
 
+@needs_data
 def test_named_split_errors_say_what_is_wrong():
     cfg = dict(root=str(DATA), split="named")
     with pytest.raises(ValueError, match="'Klingon' names no group"):
@@ -103,13 +67,6 @@ def test_named_split_errors_say_what_is_wrong():
         ImageFolder(ImageFolder.Config(**cfg, train_groups="G*", test_groups="Greek"))
     with pytest.raises(ValueError, match="needs train_groups and test_groups"):
         ImageFolder.Config(**cfg, train_groups="*")
-
-
-def test_missing_root_says_where_it_looked_and_how_to_fix_it(tmp_path):
-    with pytest.raises(ValueError, match=r"no image data at .*nowhere.*task\.root"):
-        Omniglot(Omniglot.Config(root=str(tmp_path / "nowhere")))
-    with pytest.raises(ValueError, match="lacks images_background, images_evaluation.*task.download=true"):
-        omniglot(protocol="lake")
 
 
 # -- a toy dataset whose every image is known ------------------------------------------------------
@@ -174,141 +131,100 @@ def test_episodes_hold_distinct_images_of_one_class_per_label(tmp_path, rotation
     assert turns_seen == ({0} if rotations == "none" else {0, 1, 2, 3})
 
 
-def test_folder_and_zip_read_the_same(tmp_path):
-    path, _ = _toy(tmp_path)
-    folder = extract_zip(path, tmp_path / "toy_folder")
-    a, b = read_images(path), read_images(folder)
-    assert a.classes == b.classes
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+# -- the default data: a folder standing for the zips in it that hold images ----------------------------
+@needs_data
+def test_the_default_root_reads_the_image_zips_and_skips_the_stroke_zips(monkeypatch):
+    monkeypatch.delenv("METALENS_DATA", raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the default root is ../shared/data/omniglot from here
+    family = metalens.make_task("images")
+    assert family.sources == ("images_background_small1", "images_background_small2")
+    assert sum(len(family.classes(s)) for s in ("train", "val", "test")) == 242
 
 
-def test_omniglot_episode_shapes_labels_and_ink():
-    f = omniglot(ways=20, shots=5, queries=15)
-    ep = f.sample(3, generator=gen(SEED), split="test")
-    assert ep.support_x.shape == (3, 100, 1, 28, 28) and ep.query_x.shape == (3, 300, 1, 28, 28)
-    counts = torch.nn.functional.one_hot(ep.query_y, 20).sum(1)
-    assert bool((counts == 15).all())
-    x = ep.support_x
-    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
-    assert float(x.mean()) < 0.2, "ink should be 1 on a 0 background (mostly background)"
-    with pytest.raises(ValueError, match="shots \\+ queries = 21"):
-        omniglot(shots=5, queries=16)
-
-
-# -- one image -> tensor ------------------------------------------------------------------------
-def test_load_image_gives_the_same_tensor_for_a_file_and_its_bytes(tmp_path):
-    with zipfile.ZipFile(SMALL1) as z:
-        name = "images_background_small1/Korean/character07/0649_03.png"
-        data = z.read(name)
-    (tmp_path / "x.png").write_bytes(data)
-    a, b = load_image(tmp_path / "x.png"), load_image(data)
-    assert a.shape == (1, 28, 28) and a.dtype == torch.float32
-    assert torch.equal(a, b) and torch.equal(load_image(str(tmp_path / "x.png")), a)
-    s = read_images(SMALL1)  # the family decodes with the same function
-    cached = s.images[s.files.index(name)].float() / 255
-    assert torch.equal(a[0], cached)
-    raw = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float64) / 255
-    assert float(a.max()) == 1.0 and abs(float(a.mean()) - (1 - raw.mean())) < 0.01  # ink coverage preserved
-    big = load_image(data, size=105)  # no resizing: exactly the inverted 1-bit image
-    assert torch.equal(big[0].double(), torch.from_numpy(1 - raw))
-
-
-# -- archives and downloads ---------------------------------------------------------------------
-def _zip_with(tmp_path: Path, members: list[tuple[str, bytes]], name: str = "bad.zip") -> Path:
-    path = tmp_path / name
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in members:
-            z.writestr(n, data)
-    return path
-
-
-@pytest.mark.parametrize("evil", ["../evil.png", "a/../../evil.png", "/tmp/evil.png", "C:/evil.png"])
-def test_a_zip_with_an_escaping_member_is_refused_and_nothing_is_written(tmp_path, evil):
-    good = load_png_bytes()
-    path = _zip_with(tmp_path, [("top/g/c/0.png", good), (evil, good), ("top/g/c/1.png", good)])
-    dest = tmp_path / "out" / "data"
-    with pytest.raises(UnsafeArchiveError, match="refusing the archive"):
-        extract_zip(path, dest)
-    assert not dest.exists()
-    assert not (tmp_path / "evil.png").exists() and not (tmp_path / "out" / "evil.png").exists()
-    assert list((tmp_path / "out").iterdir()) == []  # no partial folder left behind
-    with pytest.raises(UnsafeArchiveError):
-        read_images(path)
-
-
-def test_a_symlink_member_is_refused(tmp_path):
-    path = tmp_path / "link.zip"
-    with zipfile.ZipFile(path, "w") as z:
-        info = zipfile.ZipInfo("top/g/c/link.png")
-        info.external_attr = (0o120777 << 16)  # a symbolic link
-        z.writestr(info, "/etc/passwd")
-    with pytest.raises(UnsafeArchiveError, match="symbolic link"):
-        extract_zip(path, tmp_path / "data")
-    assert not (tmp_path / "data").exists()
-
-
-def test_a_failing_extraction_leaves_no_half_written_folder(tmp_path):
-    png = load_png_bytes()
-    path = tmp_path / "corrupt.zip"
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr("top/g/c/0.png", png)
-        z.writestr("top/g/c/1.png", png[:-8] + b"CORRUPT!")
-    raw = bytearray(path.read_bytes())
-    # make the second member's data disagree with its CRC (the first stays intact)
-    at = raw.rindex(b"CORRUPT!")
-    raw[at: at + 8] = b"corrupt?"
-    path.write_bytes(bytes(raw))
-    with pytest.raises(zipfile.BadZipFile):
-        extract_zip(path, tmp_path / "data")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.zip"]
-
-
-def load_png_bytes() -> bytes:
+def _png(i: int) -> bytes:
+    ink = np.random.RandomState(i).rand(28, 28) < 0.3
     buf = io.BytesIO()
-    Image.new("1", (105, 105), 1).save(buf, format="PNG")
+    Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def test_download_verifies_the_checksum_before_writing(tmp_path):
-    url = SMALL1.as_uri()  # file://: no network needed
-    dest = tmp_path / "dl" / "x.zip"
-    with pytest.raises(ValueError, match="checksum mismatch"):
-        download(url, dest, md5="0" * 32)
-    assert not dest.exists() and list(dest.parent.iterdir()) == []
-    download(url, dest, md5="e704a628b5459e08445c13499850abc4")
-    assert md5sum(dest) == "e704a628b5459e08445c13499850abc4"
+def test_a_folder_of_zips_reads_those_with_images_and_skips_the_others(tmp_path):
+    with zipfile.ZipFile(tmp_path / "images_toy.zip", "w") as z:
+        for c in range(6):
+            for i in range(4):
+                z.writestr(f"images_toy/g{c // 3}/c{c}/{i}.png", _png(10 * c + i))
+    with zipfile.ZipFile(tmp_path / "strokes_toy.zip", "w") as z:  # pen trajectories: text, no images
+        for c in range(6):
+            z.writestr(f"strokes_toy/g{c // 3}/c{c}/0.txt", "START\n10,20,0\nBREAK\n")
+        z.writestr("__MACOSX/strokes_toy/g0/c0/._0.png", b"\0\5\26\7")  # a macOS fork named .png: not an image
+    family = ImageFolder(ImageFolder.Config(root=str(tmp_path), ways=2, shots=1, queries=1, split="group",
+                                            val_size=0, test_size=1))
+    assert family.sources == ("images_toy",)
+    assert len(family.classes("train")) == len(family.classes("test")) == 3
+    (tmp_path / "images_toy.zip").unlink()
+    with pytest.raises(DataError, match=r"none of the zip files in .* holds images \(strokes_toy\.zip"):
+        ImageFolder(ImageFolder.Config(root=str(tmp_path)))
 
 
-def test_omniglot_downloads_only_when_asked(tmp_path, monkeypatch):
-    calls = []
-
-    def opener(url):
-        calls.append(url)
-        return open(DATA / url.rsplit("/", 1)[1], "rb")
-
-    root = tmp_path / "omniglot"
-    with pytest.raises(ValueError, match="no image data at"):
-        Omniglot(Omniglot.Config(root=str(root)))
-    assert calls == [] and not root.exists()
-    paths = download_omniglot(root, ["images_background_small1", "images_background_small2"],
-                              base_url="https://example.invalid/omniglot", opener=opener)
-    assert [p.name for p in paths] == ["images_background_small1.zip", "images_background_small2.zip"]
-    assert calls == ["https://example.invalid/omniglot/images_background_small1.zip",
-                     "https://example.invalid/omniglot/images_background_small2.zip"]
-    download_omniglot(root, ["images_background_small1"], opener=opener)  # present and right: not fetched again
-    assert len(calls) == 2
-    # the family with download=true fetches what its protocol lacks, from OMNIGLOT_URL
-    other = tmp_path / "other"
-    monkeypatch.setattr(images, "OMNIGLOT_URL", DATA.as_uri())
-    f = Omniglot(Omniglot.Config(root=str(other), download=True))
-    assert sorted(p.name for p in other.iterdir()) == ["images_background_small1.zip", "images_background_small2.zip"]
-    assert len(f.classes("test")) == 106
+# -- data that does not fit the options: one error naming the split, the counts and the option ------------
+@needs_data
+@pytest.mark.parametrize("options,message", [
+    ({"ways": 60, "split": "named", "train_groups": "*", "test_groups": "Tagalog"},
+     "the test split has 17 classes, fewer than ways = 60; lower task.ways to at most 17, or name more groups in "
+     "task.test_groups"),
+    ({"ways": 200}, "the train split has 170 classes, fewer than ways = 200; lower task.ways to at most 170, or lower "
+                    "task.val_size or task.test_size to leave more classes for meta-training"),
+    ({"ways": 60, "test_size": 0.2}, "the test split has 48 classes, fewer than ways = 60; lower task.ways to at most "
+                                     "48, or raise task.test_size"),
+    ({"shots": 5, "queries": 16}, "the train split has 170 of its 170 classes with fewer than shots + queries = 21 "
+                                  "images (e.g. 'Balinese/character01' has 20); lower task.shots + task.queries to at "
+                                  "most 20"),
+    ({"test_size": 300}, "val_size and test_size take 24 + 300 of the 242 classes in"),
+    ({"split": "group", "val_size": 0, "test_size": 8}, "val_size and test_size take 0 + 8 of the 8 groups in"),
+    ({"size": 100_000}, r"decoding 5840 image(s) at 100000x100000 needs 53.1 TiB of memory (uint8), more than the "),
+], ids=["named_test_split", "train_split", "test_split", "shots_queries", "sizes_class", "sizes_group", "memory"])
+def test_data_that_does_not_fit_the_options_is_refused_when_the_family_is_built(options, message, monkeypatch):
+    monkeypatch.setattr(data_images, "physical_memory", lambda: 1 << 40)
+    with pytest.raises(DataError, match=re.escape(message)) as e:
+        metalens.make_task("images", root=str(DATA), **options)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
 
 
-def test_default_root_follows_metalens_data(monkeypatch, tmp_path):
-    monkeypatch.setenv("METALENS_DATA", str(DATA.parent))
-    assert images.default_root() == DATA.parent / "omniglot"
-    assert len(Omniglot().classes("test")) == 106
-    monkeypatch.setenv("METALENS_DATA", str(tmp_path))
-    with pytest.raises(ValueError, match="METALENS_DATA="):
-        Omniglot()
+@needs_data
+def test_a_validation_split_too_small_for_a_task_is_refused_when_sampled():
+    family = metalens.make_task("images", root=str(DATA), ways=30, val_size=0.1)  # 24 validation classes
+    with pytest.raises(DataError, match=r"the val split has 24 classes, fewer than ways = 30; lower task\.ways to at "
+                                        r"most 24, or raise task\.val_size"):
+        family.sample(1, generator=gen(SEED), split="val")
+
+
+# -- options: declared constraints, rules between options ----------------------------------------------
+def test_the_defaults_are_unchanged():
+    assert dataclasses.asdict(ImageFolder.Config()) == {
+        "root": "", "sources": "", "ways": 5, "shots": 1, "queries": 15, "split": "class", "split_seed": 0,
+        "val_size": 0.1, "test_size": 0.2, "train_groups": "", "val_groups": "", "test_groups": "",
+        "rotations": "none", "size": 28, "resample": "box", "invert": True}
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"ways": 1}, "task.ways must be >= 2, got 1"),
+    ({"shots": 0}, "task.shots must be >= 1, got 0"),
+    ({"queries": 0}, "task.queries must be >= 1, got 0"),
+    ({"size": 0}, "task.size must be >= 1, got 0"),
+    ({"split_seed": -1}, "task.split_seed must be >= 0, got -1"),
+    ({"val_size": -0.1}, "task.val_size must be >= 0, got -0.1"),
+    ({"test_size": 2.5}, "task.test_size must be a fraction < 1 or a whole count, got 2.5"),
+    ({"split": "random"}, "task.split must be one of 'class', 'group', 'named', got 'random'"),
+    ({"rotations": "some"}, "task.rotations must be one of 'none', 'train', 'all', got 'some'"),
+    ({"resample": "bicubic"}, "task.resample must be one of 'box', 'lanczos', got 'bicubic'"),
+    ({"root": 3}, "task.root must be a string, got 3"),
+    ({"sources": ["a", "b"]}, "task.sources must be a string, got ['a', 'b']"),
+    ({"val_size": 0.5, "test_size": 0.5}, "task.val_size + test_size must leave classes for meta-training, got "
+                                          "0.5 + 0.5"),
+    ({"split": "named", "train_groups": "*"}, "task.split = 'named' needs train_groups and test_groups"),
+    ({"split": "named", "train_groups": "*", "val_groups": "*", "test_groups": "Tagalog"},
+     "task.train_groups and val_groups are each '*'; only one split may be '*'"),
+])
+def test_bad_options_are_config_errors_naming_the_option(options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(ImageFolder.Config, options, prefix="task.", where="task 'images'")

@@ -2,7 +2,7 @@
 
 from metalens.tasks.base import EVAL_CHUNK, Split, TaskFamily
 from metalens.tasks import sinusoid, gp, linear, clusters  # noqa: F401  (registration)
-from metalens.tasks import images  # noqa: F401
+from metalens.tasks import images, omniglot  # noqa: F401
 from metalens.tasks import random_mlp, projected  # noqa: F401
 
 __all__ = ["TaskFamily", "Split", "EVAL_CHUNK"]

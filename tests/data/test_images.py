@@ -1,0 +1,131 @@
+"""Decoding one image: the tensor a learner sees, and one DataError naming the file for every bad file.
+
+Bad files are generated here (nothing is downloaded); the shipped Omniglot data lives at
+<repo>/../shared/data/omniglot (as in CI).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metalens.data import MAX_PIXELS, load_image, read_images
+from metalens.data import images as data_images
+from metalens.errors import DataError
+
+torch.set_num_threads(1)
+
+DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "omniglot").resolve()
+SMALL1 = DATA / "images_background_small1.zip"
+SEED = 20240611
+
+
+def png(w: int = 105, h: int = 105, *, seed: int = SEED, fmt: str = "PNG") -> bytes:
+    """A random black-and-white image (incompressible enough that half of it is not an image)."""
+    ink = np.random.RandomState(seed).rand(h, w) < 0.3
+    buf = io.BytesIO()
+    Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def declaring(w: int, h: int) -> bytes:
+    """A valid 1x1 PNG whose header declares ``w x h`` pixels (a decompression bomb's header)."""
+    data = bytearray(png(1, 1))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", w, h)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+# name -> (the file's bytes, what the message says about it)
+BAD_IMAGES = {
+    "text": (b"this is not an image, it is a note\n", r"is not an image Pillow can read \(it starts 'this is not"),
+    "empty": (b"", "is empty"),
+    "png_cut_in_half": (png()[: len(png()) // 2], "is truncated or damaged"),
+    "jpeg_cut_in_half": (png(fmt="JPEG")[:400], "is truncated or damaged"),
+    "bomb_pillow_refuses": (declaring(100_000, 100_000), r"decompression bomb \(Image size \(10000000000 pixels\) "
+                                                         r"exceeds limit"),  # Pillow's DecompressionBombError
+    "bomb_pillow_warns": (declaring(10_000, 10_000), "decompression bomb"),  # DecompressionBombWarning
+    "bomb_over_our_limit": (declaring(9_000, 9_000), r"is refused as a possible decompression bomb \(it declares "
+                                                     r"9000x9000 pixels, 81 megapixels as a square, more than 64\)"),
+    "bomb_thin_strip": (declaring(60_000_000, 1), "decompression bomb"),  # padded to a square: 3.6e15 pixels
+}
+
+
+# -- one image -> tensor ------------------------------------------------------------------------
+@pytest.mark.skipif(not SMALL1.exists(), reason=f"Omniglot minimal sets not found at {DATA}")
+def test_load_image_gives_the_same_tensor_for_a_file_and_its_bytes(tmp_path):
+    with zipfile.ZipFile(SMALL1) as z:
+        name = "images_background_small1/Korean/character07/0649_03.png"
+        data = z.read(name)
+    (tmp_path / "x.png").write_bytes(data)
+    a, b = load_image(tmp_path / "x.png"), load_image(data)
+    assert a.shape == (1, 28, 28) and a.dtype == torch.float32
+    assert torch.equal(a, b) and torch.equal(load_image(str(tmp_path / "x.png")), a)
+    s = read_images(SMALL1)  # the family decodes with the same function
+    cached = s.images[s.files.index(name)].float() / 255
+    assert torch.equal(a[0], cached)
+    raw = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float64) / 255
+    assert float(a.max()) == 1.0 and abs(float(a.mean()) - (1 - raw.mean())) < 0.01  # ink coverage preserved
+    big = load_image(data, size=105)  # no resizing: exactly the inverted 1-bit image
+    assert torch.equal(big[0].double(), torch.from_numpy(1 - raw))
+
+
+def test_a_large_image_under_the_limit_decodes():
+    side = int(MAX_PIXELS ** 0.5) // 4
+    x = load_image(png(side, side // 2, seed=1), size=14)  # non-square: padded, then resized
+    assert x.shape == (1, 14, 14) and bool(torch.isfinite(x).all())
+
+
+# -- bad files: one DataError naming the file -----------------------------------------------------
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_a_bad_image_is_one_data_error_naming_it(tmp_path, name):
+    data, says = BAD_IMAGES[name]
+    with pytest.raises(DataError, match=says) as e:
+        load_image(data)
+    assert "\n" not in str(e.value)
+    path = tmp_path / f"{name}.png"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=says) as e:
+        load_image(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_load_image_of_a_missing_file_or_a_folder_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"cannot read image .*nowhere\.png: No such file"):
+        load_image(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match=r"cannot read image .*: not a regular file"):
+        load_image(tmp_path)
+
+
+def test_an_image_file_larger_than_the_cap_is_refused_unread(tmp_path):
+    path = tmp_path / "huge.png"
+    path.write_bytes(png())
+    with pytest.raises(DataError, match=r"refusing image .*huge\.png: \d+ bytes, more than"):
+        data_images.read_file(path, limit=100)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def test_sizes_that_cannot_fit_in_memory_are_refused_before_decoding(monkeypatch):
+    assert data_images.physical_memory() > 0
+    monkeypatch.setattr(data_images, "physical_memory", lambda: 1 << 30)
+    with pytest.raises(DataError, match=r"at 100000x100000 needs 9\.3 GiB of memory \(uint8\), more than the "
+                                        r"1\.0 GiB this machine has; lower size"):
+        load_image(png(), size=100_000)
+    data_images.check_fits(1000, 28, where="x")  # 784 kB: fine
+
+
+def test_physical_memory_falls_back_where_sysconf_cannot_tell(monkeypatch):
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(data_images.os, "sysconf", no_sysconf)
+    assert data_images.physical_memory() == 1 << 40
