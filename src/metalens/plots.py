@@ -17,7 +17,8 @@ from metalens.episode import Episode
 from metalens.learners.base import Learner
 from metalens.tasks.base import TaskFamily
 
-__all__ = ["pyplot", "save_figure", "plot_regression_tasks", "plot_decision_regions"]
+__all__ = ["pyplot", "save_figure", "plot_regression_tasks", "plot_decision_regions", "plot_training_curves",
+           "plot_image_task"]
 
 
 def pyplot() -> Any:
@@ -140,4 +141,51 @@ def plot_decision_regions(
             ax.set_yticks([])
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_training_curves(path: Path, curves: dict[str, list[tuple[int, float]]]) -> Path | None:
+    """The training loss of each run against its step (a running mean over a tenth of the run; log scale)."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in curves.items():
+        steps, losses = zip(*points)
+        k = max(1, len(losses) // 10)  # one logged step each
+        smooth = torch.tensor(losses).unfold(0, k, 1).mean(-1).tolist() if len(losses) >= k else list(losses)
+        ax.plot(steps[k - 1:], smooth, label=label, lw=1.2)
+    ax.set_xlabel("meta-training step")
+    ax.set_ylabel("meta-training loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_image_task(path: Path, ep: Episode, predict: Any, *, title: str) -> Path:
+    """Task 0 of a classification episode of 1-channel images: the support images on top (one per class,
+    in class order), each class's queries below it, coloured by whether ``predict`` gets them right."""
+    plt = pyplot()
+    with torch.no_grad():
+        pred = predict(ep.support_x, ep.support_y, ep.query_x).probs[0].argmax(-1)
+    N = ep.num_classes
+    order = ep.support_y[0].argsort()
+    q_order = ep.query_y[0].argsort()
+    per = ep.n_query // N
+    fig, axes = plt.subplots(1 + per, N, figsize=(1.3 * N, 1.3 * (1 + per)), squeeze=False)
+    for n in range(N):
+        ax = axes[0, n]
+        ax.imshow(ep.support_x[0, order[n], 0].numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"class {n}", fontsize=8)
+        for j in range(per):
+            i = q_order[n * per + j]
+            ok = bool(pred[i] == ep.query_y[0, i])
+            ax = axes[1 + j, n]
+            ax.imshow(ep.query_x[0, i, 0].numpy(), cmap="Greens" if ok else "Reds", vmin=0, vmax=1)
+            ax.set_title(f"-> {int(pred[i])}", fontsize=7, color="green" if ok else "red")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from metalens.checkpoint import write_json_atomic, write_text_atomic
-from metalens.evaluate import Evaluation, Metric
+import numpy as np
 
-__all__ = ["Check", "Table", "Report", "at_most", "at_least", "fmt", "metrics_table", "METRICS_NOTE"]
+from metalens.evaluate import Evaluation, Metric, summarize
+
+__all__ = ["Check", "Table", "Report", "at_most", "at_least", "not_below", "above", "oracle_bound", "fmt", "metrics_table",
+           "METRICS_NOTE"]
 
 METRICS_NOTE = ("Metrics are per target point, averaged per task, then mean ± 95% CI half-width (1.96 std / sqrt(n)) "
                 "over held-out tasks; the oracle is scored on the very same tasks.")
@@ -71,6 +74,29 @@ def at_most(value: float, bound: float) -> Check:
 def at_least(value: float, bound: float) -> Check:
     """The claim ``value >= bound``."""
     return Check(value, f">= {bound:g}", bool(value >= bound))
+
+
+def not_below(diff: np.ndarray, what: str) -> Check:
+    """The claim that per-task paired differences are not below zero beyond chance: mean >= -(95% CI)."""
+    m = summarize(diff)
+    return Check(round(m.mean, 6), f">= -{m.ci95:.2g} ({what}, 95% CI)", bool(m.mean >= -m.ci95))
+
+
+def above(diff: np.ndarray, what: str) -> Check:
+    """The claim that per-task paired differences are above zero beyond chance: mean > 95% CI."""
+    m = summarize(diff)
+    return Check(round(m.mean, 6), f"> {m.ci95:.2g} ({what}, 95% CI)", bool(m.mean > m.ci95))
+
+
+def oracle_bound(ev: Evaluation) -> Check | None:
+    """The claim that ``ev``'s learner does not beat the Bayes-optimal oracle beyond chance: its paired excess
+    loss over the oracle on the same tasks (accuracy: its shortfall) is at least minus the 95% CI. None when the
+    evaluation has no oracle."""
+    if ev.oracle_per_task is None:
+        return None
+    key = "accuracy" if "accuracy" in ev.per_task else "mse"
+    diff = ev.per_task[key] - ev.oracle_per_task[key]
+    return not_below(-diff if key == "accuracy" else diff, f"paired {key} excess over the oracle")
 
 
 @dataclass
@@ -173,24 +199,3 @@ class Report:
         write_text_atomic(path, self.markdown(out, preamble=preamble))
         write_json_atomic(out / "report.json", self.to_json(out, **meta))
         return path
-
-
-# -- transitional: the studies not yet on the experiments spine ---------------------------------------
-def write_report(out: str | Path, *, title: str, evaluations: Sequence[Evaluation], figures: Sequence[Path] = (),
-                 notes: str = "", extra: dict[str, Any] | None = None) -> Path:
-    r = Report(title)
-    if notes:
-        r.text(notes)
-    r.evaluations = list(evaluations)
-    for f in figures:
-        r.figure(f)
-    r.data = dict(extra or {})
-    return r.write(out)
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("save_figure", "plot_regression_tasks", "plot_decision_regions"):
-        from metalens import plots
-
-        return getattr(plots, name)
-    raise AttributeError(name)

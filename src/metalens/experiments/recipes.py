@@ -12,10 +12,11 @@ steps it takes when predicting (studies vary it at evaluation time).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["Recipe", "TOUR", "FINN_SINUSOID", "ADAPTATION_STEPS", "finn_train"]
+__all__ = ["Recipe", "TOUR", "FINN_SINUSOID", "ADAPTATION_STEPS", "finn_train", "IN_CONTEXT_QUICK_MODEL",
+           "in_context_train", "in_context_quick"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,21 @@ ADAPTATION_STEPS: dict[str, str] = {
     "pretrain": "finetune_steps",
     "scratch": "steps",
 }
+
+# The in-context studies (icl-linear, icl-phase-transition, icl-transfer): their runs' trainer options and
+# their smoke-test budget (``quick``).
+IN_CONTEXT_QUICK_MODEL: dict[str, Any] = {"width": 16, "layers": 1, "heads": 2}
+
+
+def in_context_train(c: Any) -> dict[str, Any]:
+    """The trainer's options of an in-context study's runs, from its options ``steps``, ``batch_tasks``, ``lr``,
+    ``grad_clip`` and ``seed`` (logged every 50 steps, checkpointed every 1000)."""
+    return {"steps": c.steps, "batch_tasks": c.batch_tasks, "lr": c.lr, "grad_clip": c.grad_clip, "seed": c.seed,
+            "log_every": 50, "checkpoint_every": 1000}
+
+
+def in_context_quick(c: Any, **model: Any) -> Any:
+    """An in-context study's options for a smoke test: 3 steps of at most 4 tasks, at most 10 scored tasks,
+    and the ``model`` options given."""
+    return replace(c, steps=min(c.steps, 3), episodes=min(c.episodes, 10), batch_tasks=min(c.batch_tasks, 4),
+                   **model)

@@ -19,6 +19,8 @@ the machine it ran on.
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -30,17 +32,17 @@ import numpy as np
 import torch
 from torch.distributions import Distribution
 
-from metalens import checkpoint
+from metalens import checkpoint, runfolder
 from metalens.config import to_dict
 from metalens.episode import Episode
-from metalens.errors import RunFolderError, TrainingDiverged
+from metalens.errors import RunFailed, RunFolderError, TrainingDiverged
 from metalens.evaluate import Evaluation, evaluate, score_tasks
 from metalens.learners.base import Learner
 from metalens.report import Report
 from metalens.run import Run, RunConfig, ensure_trained, load_run
 from metalens.tasks.base import Split, TaskFamily
 
-__all__ = ["Study", "Context", "toml_value", "set_arg", "EVAL_BATCH"]
+__all__ = ["Study", "Context", "toml_value", "set_arg", "seconds_per_step", "EVAL_BATCH"]
 
 EVAL_BATCH = 100  # tasks scored at once by default (memory only: results do not depend on it)
 
@@ -115,23 +117,32 @@ class Study(ABC):
         """Train (or reuse) every declared run into ``out/runs``, analyse, write the report; returns its path."""
         out = Path(out)
         t0 = time.perf_counter()
-        ctx = Context(self, out, progress=progress, echo=echo)
-        for label, cfg in self.runs().items():
-            ctx.train(label, cfg)
-        report = Report(self.title)
-        self.analyse(ctx, report)
-        if ctx.diverged:
-            report.heading("Runs that diverged")
-            report.text("\n".join(f"- `{label}`: {why}" for label, why in ctx.diverged.items()))
-        seconds = time.perf_counter() - t0
-        command, hardware = self.command(), self.hardware()
-        path = report.write(
-            out, preamble=[f"Command: `{command}` ({seconds / 60:.1f} min on {hardware}; finished runs found in "
-                           "`OUT/runs` are reused, not trained again)."],
-            command=command, hardware=hardware, seconds=round(seconds, 1), config=to_dict(self.effective()),
-            train_seconds=ctx.train_seconds, diverged=ctx.diverged)
+        runs = self.runs()  # every option is checked before the folder is touched
+        with runfolder.lock(out):  # one writer per study folder; each run's folder is locked while it trains
+            ctx = Context(self, out, progress=progress, echo=echo)
+            for label, cfg in runs.items():
+                ctx.train(label, cfg)
+            report = Report(self.title)
+            self.analyse(ctx, report)
+            if ctx.diverged:
+                report.heading("Runs that diverged")
+                report.text("\n".join(f"- `{label}`: {why}" for label, why in ctx.diverged.items()))
+            seconds = time.perf_counter() - t0
+            command, hardware = self.command(), self.hardware()
+            path = self._write(report, out, command, hardware, seconds, ctx)
         echo(f"[{self.registry_name}] report: {path}")
         return path
+
+    def _write(self, report: Report, out: Path, command: str, hardware: str, seconds: float, ctx: Context) -> Path:
+        try:
+            return report.write(
+                out, preamble=[f"Command: `{command}` ({seconds / 60:.1f} min on {hardware}; finished runs found in "
+                               "`OUT/runs` are reused, not trained again)."],
+                command=command, hardware=hardware, seconds=round(seconds, 1), config=to_dict(self.effective()),
+                train_seconds=ctx.train_seconds, diverged=ctx.diverged)
+        except OSError as e:
+            raise RunFailed(f"cannot write the report in {out}: {e.strerror or e}; the trained runs in {out}/runs "
+                            "are intact: run the same command again once the disk has space") from None
 
 
 class Context:
@@ -215,9 +226,32 @@ class Context:
         return score_tasks(predict, episode, with_nll=with_nll, batch_tasks=batch_tasks, device=self.device,
                            empty_support=empty_support)
 
+    def log(self, label: str) -> list[dict[str, Any]]:
+        """The rows of run ``label``'s ``log.jsonl`` (the logged training steps); a torn line ends it."""
+        path = self.path(label) / "log.jsonl"
+        rows: list[dict[str, Any]] = []
+        if not path.is_file() or path.is_symlink():
+            return rows
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
     def figure(self, name: str) -> Path:
         """Where figure ``name`` (e.g. ``"curves.png"``) goes: ``OUT/figures/name``."""
         return self.out / "figures" / name
+
+
+def seconds_per_step(log: list[dict[str, Any]]) -> float | None:
+    """Median seconds per training step between logged rows (robust to resumed runs), or None."""
+    rates = [(b["seconds"] - a["seconds"]) / (b["step"] - a["step"]) for a, b in zip(log, log[1:])
+             if isinstance(b.get("step"), int) and isinstance(a.get("step"), int) and b["step"] > a["step"]
+             and b.get("seconds", 0) > a.get("seconds", 0)]
+    return round(statistics.median_low(rates), 4) if rates else None
 
 
 def _trainable(cfg: RunConfig) -> bool:
