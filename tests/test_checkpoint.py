@@ -51,7 +51,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpoint.RunFailed, match="disk full; the previous checkpoint is intact"):
         checkpoint.save(tmp_path, step=2, model={"w": torch.zeros(2)}, optimizer=None, state={})
     ck = checkpoint.load(checkpoint.latest(tmp_path))
     assert ck.step == 1 and ck.model["w"].tolist() == [1.0, 1.0]

@@ -64,7 +64,7 @@ def test_config_file(capsys, tmp_path):
     (["train", "--task", "nope", "--learner", "pretrain", "--out", "{tmp}/a"], "unknown task family 'nope'; known: sinusoid"),
     (["train", "--task", "sinusoid", "--learner", "nope", "--out", "{tmp}/a"], "unknown learner 'nope'"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "task.shots=0"],
-     "task 'sinusoid': shots must be >= 1, got 0"),
+     "task.shots must be >= 1, got 0"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "task.shot=3"],
      "unknown option 'task.shot'"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "shots=3"],
@@ -87,25 +87,34 @@ def test_config_file(capsys, tmp_path):
      "train --set accepts task.*, learner.* and train.* options only"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--threads", "0"], "--threads"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "train.device=banana"],
-     "device must be a torch device such as cpu, cuda or cuda:1, got 'banana'"),
-    (["study", "omniglot", "--out", "{tmp}/a", "--device", "banana"], "device must be a torch device"),
+     "train.device must be cpu, cuda, cuda:N (N a device index) or mps, got 'banana'"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "train.device=meta"],
+     "train.device must be cpu, cuda, cuda:N (N a device index) or mps, got 'meta'"),
+    (["study", "omniglot", "--out", "{tmp}/a", "--device", "banana"],
+     "device must be cpu, cuda, cuda:N (N a device index) or mps, got 'banana'"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "train.compile=maybe"],
      "train.compile must be true or false, got 'maybe'"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "learner.backbone=conv5"],
-     "backbone must be 'mlp' or 'conv4', got 'conv5'"),
+     "learner.backbone must be one of 'mlp', 'conv4', got 'conv5'"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set",
-      "learner.finetune_optimizer=rmsprop"], "finetune_optimizer must be 'adam' or 'sgd', got 'rmsprop'"),
+      "learner.finetune_optimizer=rmsprop"], "learner.finetune_optimizer must be one of 'sgd', 'adam', got 'rmsprop'"),
     # refused by the learner's constructor (inputs that do not fit the backbone): still before the folder
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "learner.backbone=conv4"],
      "backbone 'conv4' needs image inputs [channels, height, width], got x_shape (1,)"),
     (["train", "--task", "gp", "--learner", "lnp", "--out", "{tmp}/a", "--set", "learner.objective=vi"],
-     "objective must be 'elbo' or 'ml', got 'vi'"),
+     "learner.objective must be one of 'elbo', 'ml', got 'vi'"),
     (["study", "neural-processes", "--out", "{tmp}/a", "--set", "study.ml_samples=0"], "ml_samples must be >= 1"),
-    (["study", "neural-processes", "--out", "{tmp}/a", "--set", "study.lr_decay=1"], "lr_decay must be in [0, 1)"),
+    (["study", "neural-processes", "--out", "{tmp}/a", "--set", "study.lr_decay=1"],
+     "study.lr_decay must be >= 0 and < 1, got 1.0"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "train.lr_schedule=step"],
      "train.lr_schedule must be one of 'constant', 'cosine', got 'step'"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--steps", "10", "--set",
-      "train.lr_schedule=cosine", "--set", "train.lr_decay_start=10"], "lr_decay_start must be in [0, steps)"),
+      "train.lr_schedule=cosine", "--set", "train.lr_decay_start=10"],
+     "train.lr_decay_start must be in [0, steps) = [0, 10) with lr_schedule = cosine, got 10"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "train.grad_clip=nan"],
+     "train.grad_clip must be finite, got nan"),
+    (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set",
+      "task.amplitude_range=[0.1, inf]"], "task.amplitude_range must be finite, got (0.1, inf)"),
     pytest.param(["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set",
                   "train.device=cuda"], "CUDA is not available on this machine",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
@@ -152,14 +161,21 @@ def test_tour_smoke(capsys, tmp_path):
     code, out, err = run(capsys, "tour", "--out", str(tmp_path / "t"), "--learner", "pretrain", "--episodes", "20",
                          "--steps-scale", "0.005", "--quiet")
     assert code == 0, err
-    # a run made with other options in the same folder is refused, with what to do
+    assert "checks" in json.loads((tmp_path / "t" / "report.json").read_text())
+    # a run made with other options in the tour's folder is refused, with what to do
+    other = tmp_path / "o"
+    assert run(capsys, "train", "--task", "sinusoid", "--learner", "pretrain", "--steps", "2", "--quiet",
+               "--set", "learner.finetune_lr=0.5", "--out", str(other / "runs" / "pretrain"))[0] == 0
+    code, out, err = run(capsys, "tour", "--out", str(other), "--learner", "pretrain", "--episodes", "20",
+                         "--steps-scale", "0.005", "--quiet")
+    assert code == 2 and "holds a run with a different configuration" in err and "choose another --out" in err
+    # a config.json edited by hand no longer matches its checkpoint: refused, not run as the other options
     cfg_file = tmp_path / "t" / "runs" / "pretrain" / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["learner"]["finetune_lr"] = 0.5
     cfg_file.write_text(json.dumps(cfg))
-    code, out, err = run(capsys, "tour", "--out", str(tmp_path / "t"), "--learner", "pretrain", "--episodes", "20",
-                         "--steps-scale", "0.005", "--quiet")
-    assert code == 2 and "holds a tour run made with another configuration" in err and "remove" in err
+    code, out, err = run(capsys, "eval", str(tmp_path / "t" / "runs" / "pretrain"), "--episodes", "4")
+    assert code == 2 and "does not match the checkpoint" in err and "restore the run's config.json" in err
 
 
 def test_python_dash_m_entry_point(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 
 import metalens
 from metalens import checkpoint, rng
+from metalens.config import ConfigError
 from metalens.run import RunConfig, RunFolderError, ensure_trained, load_run, start_run
-from metalens.train import TrainConfig, TrainingDiverged, train
+from metalens.train import TrainConfig, TrainingDiverged, check_device, train
 
 
 def _cfg(steps=8, **train):
@@ -110,13 +112,55 @@ def test_run_folder_is_never_overwritten(tmp_path):
 
 
 def test_trainconfig_validation():
-    for bad, match in [({"steps": 0}, "steps must be >= 1"), ({"lr": 0.0}, "lr must be > 0"),
-                       ({"batch_tasks": 0}, "batch_tasks must be >= 1"), ({"seed": -1}, "seed must be >= 0"),
-                       ({"lr_schedule": "linear"}, "lr_schedule must be 'constant' or 'cosine'"),
-                       ({"lr_schedule": "cosine", "steps": 5, "lr_decay_start": 5}, r"lr_decay_start must be in"),
-                       ({"lr_decay_start": -1}, "lr_decay_start must be in")]:
+    for bad, match in [({"steps": 0}, "^steps must be >= 1, got 0$"), ({"lr": 0.0}, "^lr must be > 0, got 0.0$"),
+                       ({"batch_tasks": 0}, "^batch_tasks must be >= 1, got 0$"),
+                       ({"seed": -1}, "^seed must be >= 0, got -1$"),
+                       ({"lr_schedule": "linear"}, "^lr_schedule must be one of 'constant', 'cosine', got 'linear'$"),
+                       ({"lr_schedule": "cosine", "steps": 5, "lr_decay_start": 5},
+                        r"^lr_decay_start must be in \[0, steps\) = \[0, 5\) with lr_schedule = cosine, got 5$"),
+                       ({"lr_decay_start": -1}, "^lr_decay_start must be >= 0, got -1$")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
+    # a decay start at or past the end is only refused with a cosine schedule (it is unused otherwise)
+    assert TrainConfig(steps=5, lr_decay_start=5).lr_at(4) == TrainConfig().lr
+
+
+_DEVICES = "must be cpu, cuda, cuda:N (N a device index) or mps"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"grad_clip": float("nan")}, "train.grad_clip must be finite, got nan"),
+    ({"lr": float("inf")}, "train.lr must be finite, got inf"),
+    ({"weight_decay": -0.1}, "train.weight_decay must be >= 0, got -0.1"),
+    ({"keep_checkpoints": -1}, "train.keep_checkpoints must be >= 0, got -1"),
+    ({"log_every": 0}, "train.log_every must be >= 1, got 0"),
+    ({"optimizer": "lion"}, "train.optimizer must be one of 'adam', 'sgd', got 'lion'"),
+    ({"steps": 10, "lr_schedule": "cosine", "lr_decay_start": 12},
+     "train.lr_decay_start must be in [0, steps) = [0, 10) with lr_schedule = cosine, got 12"),
+    ({"device": "meta"}, f"train.device {_DEVICES}, got 'meta'"),
+    ({"device": "xla"}, f"train.device {_DEVICES}, got 'xla'"),
+    ({"device": "cuda:"}, f"train.device {_DEVICES}, got 'cuda:'"),
+    ({"device": "cpu cuda"}, f"train.device {_DEVICES}, got 'cpu cuda'"),
+    ({"device": 0}, "train.device must be a string, got 0"),
+])
+def test_resolve_refuses_train_options_outside_their_declared_constraint(options, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        RunConfig.resolve("sinusoid", "oracle", {}, {}, options)
+
+
+def test_devices_metalens_trains_on():
+    for device in ("cpu", "cuda", "cuda:0", "cuda:12", "mps"):
+        assert TrainConfig(device=device).device == device
+    check_device("cpu")
+    for device in ("meta", "xla", "xpu", "banana"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'device {_DEVICES}, got {device!r}')}$"):
+            check_device(device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available on this machine"):
+            check_device("cuda:0")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="MPS is not available on this machine"):
+            check_device("mps")
 
 
 def test_cosine_schedule_values():

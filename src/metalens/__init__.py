@@ -6,8 +6,8 @@ The public API; everything not listed in ``__all__`` may change between releases
 __version__ = "0.1.0"
 
 from metalens.episode import Episode, TaskSpec
-from metalens.errors import (CheckpointError, ConfigError, DataError, Interrupted, MetalensError, RunFailed,
-                             RunFolderError, TrainingDiverged)
+from metalens.errors import (CheckpointError, ConfigError, DataError, Interrupted, MetalensError, NumericalError,
+                             RunFailed, RunFolderBusy, RunFolderError, TrainingDiverged)
 from metalens.evaluate import Evaluation, Metric, evaluate
 from metalens.learners.base import Learner
 from metalens.registry import LEARNERS, TASKS
@@ -22,6 +22,6 @@ __all__ = [
     "Episode", "TaskSpec", "TaskFamily", "Learner", "TASKS", "LEARNERS",
     "make_task", "make_learner", "TrainConfig", "train",
     "evaluate", "Evaluation", "Metric", "RunConfig", "Run", "start_run", "load_run",
-    "MetalensError", "ConfigError", "RunFolderError", "CheckpointError", "DataError", "RunFailed",
-    "TrainingDiverged", "Interrupted",
+    "MetalensError", "ConfigError", "RunFolderError", "RunFolderBusy", "CheckpointError", "DataError", "RunFailed",
+    "NumericalError", "TrainingDiverged", "Interrupted",
 ]

@@ -12,7 +12,12 @@ Layout inside a run folder::
 A checkpoint folder is written under a temporary name, every file flushed and
 fsync-ed, then renamed into place; ``latest`` is replaced atomically after that.
 A crash at any moment leaves either the previous checkpoint or the new one, never
-a half-written one.
+a half-written one; the temporary entries it may leave (``.*.tmp``) are removed by
+:func:`remove_leftovers` at the next start. Reading is strict: ``latest`` must be a
+small regular file naming a checkpoint folder, ``state.json`` must have the schema
+:func:`save` writes (its step equal to its folder's number), and no file is read
+through a symbolic link. A lost or damaged ``latest`` is recovered from the newest
+complete checkpoint (:func:`recover_latest`).
 
 >>> import tempfile, torch
 >>> d = tempfile.mkdtemp()
@@ -26,7 +31,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +44,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from metalens.errors import CheckpointError
+from metalens.errors import CheckpointError, RunFailed, excerpt
 
-__all__ = ["Checkpoint", "CheckpointError", "save", "load", "latest", "write_json_atomic", "write_text_atomic"]
+__all__ = ["Checkpoint", "CheckpointError", "save", "load", "latest", "complete", "recover_latest", "remove_leftovers",
+           "complete_names", "mismatches", "non_finite", "read_small", "write_json_atomic", "write_text_atomic", "TMP_SUFFIX"]
 
 FORMAT = "metalens-checkpoint"
 FORMAT_VERSION = 1
+TMP_SUFFIX = ".tmp"  # every temporary entry metalens writes is named ".<name>.<random>.tmp"
+_NAME = re.compile(r"step_(\d{8,})")
+_MAX_SMALL = 1 << 20  # state.json, latest, config.json: larger files are not ours
 
 
 @dataclass
@@ -69,7 +80,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file beside it, fsync and rename: a reader sees the old
     file or the new one, never half of one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -110,6 +121,30 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def read_small(path: str | Path, *, what: str, limit: int = _MAX_SMALL) -> bytes:
+    """The bytes of a small regular file, never through a symbolic link (:class:`CheckpointError` otherwise)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if path.is_symlink():
+            raise CheckpointError(f"{path} is a symbolic link; a run folder holds only its own files (remove the "
+                                  "link)") from None
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{what} {path} is not a regular file")
+        if st.st_size > limit:
+            raise CheckpointError(f"{what} {path} is {st.st_size} bytes, too large to be one of metalens' files")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
 def save(
     run_dir: str | Path,
     *,
@@ -119,12 +154,19 @@ def save(
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` into ``run_dir/checkpoints`` atomically; keep the newest ``keep``."""
+    """Write checkpoint ``step`` into ``run_dir/checkpoints`` atomically; keep the newest ``keep`` (0: all).
+
+    A write that fails (a full or read-only disk) raises :class:`~metalens.errors.RunFailed`, leaving the
+    previous checkpoint and ``latest`` as they were and no temporary entry behind.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    if root.is_symlink():
+        raise CheckpointError(f"{root} is a symbolic link; a run folder holds only its own files (remove the link)")
     name = f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    tmp: Path | None = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=root))
         model_t = {k: v.detach().cpu().contiguous() for k, v in model.items()}
         opt_t, opt_meta = _flatten_optimizer(optimizer or {"state": {}, "param_groups": []})
         save_file(model_t, tmp / "model.safetensors", metadata={"format": FORMAT})
@@ -137,57 +179,183 @@ def save(
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
         final = root / name
-        if final.exists():  # an older save of the same step (e.g. a run resumed and re-saved)
+        if final.exists() and not final.is_symlink():  # an older save of the same step (a run resumed and re-saved)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        tmp = None
         _fsync_dir(root)
+        write_text_atomic(root / "latest", name + "\n")
+    except (OSError, SafetensorError) as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or str(e)
+        try:
+            kept = f"the previous checkpoint is intact: {latest(run_dir)}"
+        except CheckpointError:
+            kept = "no earlier checkpoint exists"
+        raise RunFailed(f"cannot write checkpoint {name} in {root}: {reason}; {kept}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = root / "latest"
-    fd, tmp_ptr = tempfile.mkstemp(prefix=".latest.", dir=root)
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_ptr, pointer)
-    _fsync_dir(root)
     if keep > 0:
-        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        done = [p for p in complete_names(root)]
         for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(root / old, ignore_errors=True)
     return final
 
 
+def complete_names(root: Path) -> list[str]:
+    """Names of the checkpoint folders in ``root`` (real folders, not links), oldest first."""
+    if not root.is_dir() or root.is_symlink():
+        return []
+    names = [p.name for p in root.iterdir() if _NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(names, key=lambda n: int(n[5:]))
+
+
 def latest(run_dir: str | Path) -> Path:
-    """The newest complete checkpoint folder of a run."""
+    """The newest complete checkpoint folder of a run, as ``checkpoints/latest`` names it."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     try:
-        name = pointer.read_text().strip()
+        raw = read_small(pointer, what="checkpoints/latest", limit=64)
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir} has no checkpoint (no checkpoints/latest)") from None
+    name = raw.decode("ascii", errors="replace").strip()
     path = pointer.parent / name
-    if not name.startswith("step_") or "/" in name or not path.is_dir():
-        raise CheckpointError(f"checkpoints/latest in {run_dir} names {name!r}, which is not a checkpoint folder")
+    if not _NAME.fullmatch(name) or path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"checkpoints/latest in {run_dir} names {excerpt(raw)}, which is not a checkpoint "
+                              "folder")
     return path
 
 
-def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint folder written by :func:`save` (no pickle involved)."""
-    path = Path(path)
-    for name in ("state.json", "model.safetensors", "optimizer.safetensors"):
-        if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+def complete(run_dir: str | Path) -> list[Path]:
+    """Every checkpoint folder of a run that loads (all three files, a valid ``state.json``), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    out = []
+    for name in complete_names(root):
+        try:
+            load(root / name)
+        except CheckpointError:
+            continue
+        out.append(root / name)
+    return out
+
+
+def recover_latest(run_dir: str | Path, *, rewrite: bool = True) -> tuple[Path | None, str]:
+    """The checkpoint a run continues from, and a note when ``latest`` had to be recovered.
+
+    ``latest`` as written, if it is sound; else (lost, damaged, naming a missing folder) the newest
+    complete checkpoint, and (``rewrite``) ``latest`` is rewritten to name it; ``(None, "")`` when the run has no
+    checkpoint folder at all. Checkpoint folders none of which loads are refused
+    (:class:`~metalens.errors.CheckpointError`): a run never restarts from step 0 over checkpoints.
+    """
+    run_dir = Path(run_dir)
     try:
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        path = latest(run_dir)
+        load(path)
+        return path, ""
+    except CheckpointError as e:
+        why = str(e)
+    root = run_dir / "checkpoints"
+    found = complete(run_dir)
+    if found:
+        if rewrite:
+            write_text_atomic(root / "latest", found[-1].name + "\n")
+        return found[-1], f"{why}; continuing from the newest complete checkpoint, {found[-1].name}"
+    if complete_names(root):
+        raise CheckpointError(f"{why}, and none of the checkpoint folders in {root} is complete; the run cannot "
+                              "continue from them (move them away to start again from step 0)")
+    return None, ""
+
+
+def remove_leftovers(folder: str | Path) -> list[str]:
+    """Remove the temporary entries (``.*.tmp``) a crash may have left in a run folder and its ``checkpoints``.
+
+    Never follows a symbolic link. Returns the names removed.
+    """
+    removed = []
+    for d in (Path(folder), Path(folder) / "checkpoints"):
+        if not d.is_dir() or d.is_symlink():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return removed
+
+
+def _read_json(path: Path, what: str) -> Any:
+    raw = read_small(path, what=what)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{what} {path} is not valid JSON (it starts {excerpt(raw, 30)})") from None
+
+
+def _check_state(path: Path, meta: Any) -> None:
+    """Refuse a ``state.json`` that does not have the schema :func:`save` writes."""
+    where = f"checkpoint {path}: state.json"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} must hold a JSON object")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a metalens checkpoint (state.json format is "
+                              f"{excerpt(str(meta.get('format')))})")
+    version, step = meta.get("version"), meta.get("step")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{where}: version must be an integer, got {excerpt(repr(version))}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer metalens (format {version}); upgrade metalens")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{where}: step must be a whole number >= 0, got {excerpt(repr(step))}")
+    if path.name != f"step_{step:08d}":
+        raise CheckpointError(f"{where} says step {step}, but the folder is {path.name}")
+    opt = meta.get("optimizer")
+    if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])
+            and isinstance(opt.get("state_extras", {}), dict)):
+        raise CheckpointError(f"{where}: optimizer must hold param_groups (a list of tables with params)")
+    if "seed" in meta and (not isinstance(meta["seed"], int) or isinstance(meta["seed"], bool)):
+        raise CheckpointError(f"{where}: seed must be an integer, got {excerpt(repr(meta['seed']))}")
+
+
+def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint folder written by :func:`save` (no pickle involved), checking its schema."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a folder of its run")
+    for name in ("state.json", "model.safetensors", "optimizer.safetensors"):
+        f = path / name
+        if f.is_symlink():
+            raise CheckpointError(f"{f} is a symbolic link; a run folder holds only its own files (remove the link)")
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+    meta = _read_json(path / "state.json", "checkpoint state")
+    _check_state(path, meta)
+    try:
         model = load_file(path / "model.safetensors", device=str(map_location))
         opt_t = load_file(path / "optimizer.safetensors", device=str(map_location))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a metalens checkpoint")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer metalens (format {meta['version']})")
-    optimizer = _unflatten_optimizer(opt_t, meta.pop("optimizer"))
-    step = int(meta.pop("step"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {str(e)[:200]}") from None
+    try:
+        optimizer = _unflatten_optimizer(opt_t, meta.pop("optimizer"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"checkpoint {path}: optimizer.safetensors does not match state.json") from None
+    step = meta.pop("step")
     return Checkpoint(path=path, step=step, model=model, optimizer=optimizer, state=meta)
+
+
+def mismatches(saved: dict[str, Tensor], own: dict[str, Tensor]) -> list[str]:
+    """How a checkpoint's tensors differ from a module's ``state_dict`` (names, shapes, dtypes); empty if they fit."""
+    out = [f"missing {k}" for k in own if k not in saved]
+    out += [f"unexpected {k}" for k in saved if k not in own]
+    out += [f"{k}: {list(saved[k].shape)} {saved[k].dtype} vs {list(v.shape)} {v.dtype}" for k, v in own.items()
+            if k in saved and (tuple(saved[k].shape) != tuple(v.shape) or saved[k].dtype != v.dtype)]
+    return out
+
+
+def non_finite(saved: dict[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in saved.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -20,6 +20,14 @@ from metalens import __version__
 
 DEFAULT_THREADS = 1  # measured: benchmarks/threads.py (see README)
 
+def _cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
+        return os.cpu_count() or 1
+
+
 _threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None, envvar="METALENS_THREADS", show_envvar=True,
     help=f"CPU threads for PyTorch [default: {DEFAULT_THREADS}; small meta-learning models run "
@@ -29,6 +37,9 @@ _threads_option = click.option(
 def _set_threads(threads: int | None) -> None:
     import torch
 
+    if threads is not None and threads > 4 * _cpus():
+        raise click.BadParameter(f"{threads} is more than 4 threads per CPU this process may use ({_cpus()}); "
+                                 f"give at most {4 * _cpus()}", param_hint="'--threads'")
     torch.set_num_threads(threads or DEFAULT_THREADS)
 
 
@@ -110,7 +121,7 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
     import torch
 
     from metalens import checkpoint, distributed
-    from metalens.run import RunConfig, resume_config, start_run, train_worker
+    from metalens.run import RunConfig, open_run, resume_config, train_worker
     from metalens.train import check_device
 
     _set_threads(threads)
@@ -142,20 +153,13 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
         raise click.UsageError(f"train.batch_tasks ({cfg.train.batch_tasks}) must be divisible by the number "
                                f"of processes ({world})")
     t0 = time.perf_counter()
-    run = start_run(cfg, out, resume=resume)
-    if nproc > 1:
-        try:
+    with open_run(cfg, out, resume=resume) as run:
+        if nproc > 1:
             distributed.launch(nproc, train_worker, (cfg, str(out), resume, progress),
-                               device=cfg.train.device, threads=torch.get_num_threads())
-        except distributed.LaunchError as e:
-            try:
-                kept = f"the last checkpoint is intact: {checkpoint.latest(out)}"
-            except checkpoint.CheckpointError:
-                kept = "no checkpoint had been written yet"
-            raise distributed.LaunchError(f"training stopped: {e}; {kept}") from None
-        metrics = checkpoint.load(checkpoint.latest(out)).state.get("metrics", {})
-    else:
-        metrics = run.train(resume=resume, progress=progress).last_metrics
+                               device=cfg.train.device, threads=torch.get_num_threads(), run_dir=out)
+            metrics = checkpoint.load(checkpoint.latest(out)).state.get("metrics", {})
+        else:
+            metrics = run.train(resume=resume, progress=progress).last_metrics
     if distributed.world().is_writer:
         last = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         how = f" on {world} processes" if world > 1 else ""
@@ -229,8 +233,7 @@ def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_s
               help="a study option, e.g. --set study.steps=500 (see `metalens study NAME --help-options`).")
 @click.option("--help-options", is_flag=True, help="list the study's options and exit.")
 @click.option("--device", default="cpu", show_default=True,
-              help="torch device the study's runs train on, e.g. cuda (the omniglot study also scores "
-                   "there; the others score on the CPU).")
+              help="torch device the study's runs train and are scored on, e.g. cuda.")
 @click.option("--quiet", is_flag=True, help="no progress bars.")
 @_threads_option
 def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_options: bool, device: str,
@@ -263,46 +266,93 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run the CLI, turning user errors into one line and exit code 2."""
-    from metalens.checkpoint import CheckpointError
-    from metalens.config import ConfigError
-    from metalens.distributed import LaunchError
-    from metalens.registry import UnknownName
-    from metalens.run import RunFolderError
-    from metalens.train import TrainingDiverged
+    """Entry point: run the CLI; every failure is one line on stderr and an exit code.
+
+    2 for bad input (options, config files, run folders, data), 1 for a run that failed while
+    running (divergence, a full disk, a dead process, an unexpected error), ``128 + signal`` after
+    SIGINT, SIGTERM or SIGHUP. ``--debug`` (anywhere on the line) or ``METALENS_DEBUG=1`` shows
+    the traceback instead.
+    """
+    from metalens.errors import Interrupted, MetalensError
 
     prog = "metalens"
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("METALENS_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
 
     def fail(message: str, code: int) -> int:
         from metalens.distributed import world
 
         if world().is_writer:  # under torchrun, one rank speaks for all
-            click.echo(message, err=True)
+            click.echo(" ".join(message.split()), err=True)
         return code
 
+    restore = _stop_on_signals()
     try:
-        rv = cli.main(args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False)
+        rv = cli.main(args=args, prog_name=prog, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except click.UsageError as e:
+        if debug:
+            raise
         cmd = f" {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else ""
         return fail(f"{prog}{cmd}: error: {e.format_message()}", 2)
-    except (ConfigError, UnknownName, RunFolderError, CheckpointError) as e:
-        return fail(f"{prog}: error: {e}", 2)
-    except (TrainingDiverged, LaunchError) as e:
-        return fail(f"{prog}: {e}", 1)
-    except click.exceptions.Abort:
-        click.echo(f"{prog}: interrupted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo(f"{prog}: interrupted; a run can be continued with `metalens train --resume --out DIR`",
-                   err=True)
-        return 130
+    except Interrupted as e:
+        return fail(f"{prog}: {e}", e.exit_code)
+    except MetalensError as e:
+        if debug:
+            raise
+        return fail(f"{prog}: {'error: ' if e.exit_code == 2 else ''}{e}", e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return fail(f"{prog}: interrupted", 130)
     except click.ClickException as e:
-        click.echo(f"{prog}: error: {e.format_message()}", err=True)
-        return e.exit_code
+        return fail(f"{prog}: error: {e.format_message()}", e.exit_code)
     except BrokenPipeError:  # e.g. `metalens list | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except MemoryError:
+        if debug:
+            raise
+        return fail(f"{prog}: ran out of memory; lower train.batch_tasks, the model's size or --batch-tasks", 1)
+    except OSError as e:
+        if debug:
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return fail(f"{prog}: {e.strerror or e}{where}", 1)
+    except Exception as e:  # noqa: BLE001 - the boundary: one line, and the traceback on request
+        if debug:
+            raise
+        if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
+            return fail(f"{prog}: ran out of memory ({str(e)[:120]}); lower train.batch_tasks, the model's size "
+                        "or --batch-tasks", 1)
+        return fail(f"{prog}: internal error: {type(e).__name__}: {str(e)[:300]} (run again with --debug for "
+                    "the traceback, and please report it)", 1)
+    finally:
+        restore()
+
+
+def _stop_on_signals() -> Any:
+    """Make SIGTERM and SIGHUP stop a command like Ctrl-C does, with their own exit code (128 + signal);
+    training replaces this with a graceful stop after the current step (see :mod:`metalens.train`).
+    Returns a function that restores the previous handlers."""
+    import signal
+    import threading
+
+    from metalens.errors import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
+    signals = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, stop) for s in signals}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
 
 
 if __name__ == "__main__":  # pragma: no cover

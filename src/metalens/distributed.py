@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,12 +41,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from metalens.errors import Interrupted, RunFailed
+
 __all__ = ["World", "world", "init_from_env", "launch", "shard", "average_gradients", "LaunchError"]
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails the run
 
 
-class LaunchError(RuntimeError):
+class LaunchError(RunFailed):
     """A worker process of a multi-process run failed or died."""
 
 
@@ -104,14 +107,18 @@ def shard(n_tasks: int, w: World) -> slice:
     return slice(w.rank * per, (w.rank + 1) * per)
 
 
-def average_gradients(params: Sequence[torch.nn.Parameter], loss: Tensor, w: World) -> Tensor:
+def average_gradients(params: Sequence[torch.nn.Parameter], loss: Tensor, w: World, *,
+                      flag: bool = False) -> tuple[Tensor, bool]:
     """Average ``params``' gradients and ``loss`` over ranks in one ``all_reduce``.
 
-    Missing gradients count as zeros, so every rank sends the same layout. Returns
-    the averaged loss (non-finite on every rank if it was on any).
+    Missing gradients count as zeros, so every rank sends the same layout. ``flag`` (e.g. "stop after
+    this step") rides along: the second value returned is True if it was set on any rank. Returns the
+    averaged loss (non-finite on every rank if it was on any) and that flag.
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+    tail = torch.stack([loss.detach().reshape(()).to(grads[0].dtype), torch.tensor(float(flag), dtype=grads[0].dtype,
+                                                                                    device=grads[0].device)])
+    flat = torch.cat([g.reshape(-1) for g in grads] + [tail])
     dist.all_reduce(flat)
     flat /= w.size
     offset = 0
@@ -122,7 +129,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], loss: Tensor, w: Wor
         else:
             p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
         offset += n
-    return flat[-1]
+    return flat[-2], bool(flat[-1] > 0)
 
 
 def _free_port() -> int:
@@ -133,6 +140,8 @@ def _free_port() -> int:
 
 def _worker(rank: int, nproc: int, port: int, device: str, threads: int | None, fn: Callable[..., Any],
             args: tuple) -> None:
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()  # signals reach the launcher only, which forwards each one once (see launch)
     if threads is not None:
         torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -144,26 +153,73 @@ def _worker(rank: int, nproc: int, port: int, device: str, threads: int | None, 
         dist.destroy_process_group()
 
 
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
+                                 getattr(signal, "SIGHUP", None)) if s is not None)
+
+
 def launch(nproc: int, fn: Callable[..., Any], args: tuple = (), *, device: str = "cpu",
-           threads: int | None = None) -> None:
+           threads: int | None = None, run_dir: str | os.PathLike | None = None) -> None:
     """Run ``fn(*args)`` in ``nproc`` new local processes forming one process group.
 
-    ``threads`` sets each process's PyTorch CPU threads (default: PyTorch's own).
-
-    ``fn`` must be importable (a module-level function). If a process fails or
-    dies, the others are terminated and :class:`LaunchError` says which and why.
+    ``threads`` sets each process's PyTorch CPU threads (default: PyTorch's own). ``fn`` must be
+    importable (a module-level function). If a process fails or dies, the others are terminated
+    and :class:`LaunchError` says which and why (and, given ``run_dir``, which checkpoint is intact).
+    SIGINT, SIGTERM and SIGHUP received here are passed on to every process (which stop together
+    after their current step, the first writing a checkpoint); the launcher then raises
+    :class:`~metalens.errors.Interrupted`.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    import threading
+
     import torch.multiprocessing as mp
 
+    ctx = mp.start_processes(_worker, args=(nproc, _free_port(), device, threads, fn, args), nprocs=nproc,
+                             join=False, start_method="spawn")
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS} if main else {}
     try:
-        mp.start_processes(_worker, args=(nproc, _free_port(), device, threads, fn, args), nprocs=nproc, join=True,
-                           start_method="spawn")
-    except mp.ProcessRaisedException as e:
-        last = [line for line in str(e).strip().splitlines() if line.strip()][-1]
-        kind, _, msg = last.partition(": ")
-        raise LaunchError(f"process {e.error_index} of {nproc} failed: {msg or kind}") from None
-    except mp.ProcessExitedException as e:
-        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
-        raise LaunchError(f"process {e.error_index} of {nproc} died ({how}); the other processes were stopped") from None
+        while not ctx.join(timeout=1.0):
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        if received:
+            raise _interrupted(received[0], run_dir) from None
+        if isinstance(e, mp.ProcessRaisedException):
+            last = [line for line in str(e).strip().splitlines() if line.strip()][-1]
+            kind, _, msg = last.partition(": ")
+            what = f"process {e.error_index} of {nproc} failed: {msg or kind}"
+        else:
+            how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
+            what = f"process {e.error_index} of {nproc} died ({how}); the other processes were stopped"
+        raise LaunchError(f"training stopped: {what}; {_kept(run_dir)}") from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if received:
+        raise _interrupted(received[0], run_dir)
+
+
+def _kept(run_dir: str | os.PathLike | None) -> str:
+    from metalens import checkpoint
+    from metalens.errors import CheckpointError
+
+    if run_dir is None:
+        return "no run folder"
+    try:
+        return f"the last checkpoint is intact: {checkpoint.latest(run_dir)}"
+    except CheckpointError:
+        return "no checkpoint had been written yet"
+
+
+def _interrupted(signum: int, run_dir: str | os.PathLike | None) -> Interrupted:
+    name = signal.Signals(signum).name
+    resume = f"; continue with: metalens train --resume --out {run_dir}" if run_dir is not None else ""
+    return Interrupted(f"stopped by {name}; {_kept(run_dir)}{resume}", signum)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import signal
 
 __all__ = ["MetalensError", "ConfigError", "RunFolderError", "CheckpointError", "RunFolderBusy", "DataError",
-           "RunFailed", "TrainingDiverged", "Interrupted", "excerpt"]
+           "RunFailed", "NumericalError", "TrainingDiverged", "Interrupted", "excerpt"]
 
 
 class MetalensError(Exception):
@@ -62,8 +62,12 @@ class RunFailed(MetalensError, RuntimeError):
     exit_code = 1
 
 
-class TrainingDiverged(RunFailed):
-    """The meta-loss, the meta-gradient or a prediction became non-finite."""
+class NumericalError(RunFailed, FloatingPointError):
+    """A computation produced non-finite numbers: a diverged inner loop, non-finite weights or predictions."""
+
+
+class TrainingDiverged(NumericalError):
+    """The meta-loss or the meta-gradient became non-finite; training stopped at the last good checkpoint."""
 
 
 class Interrupted(MetalensError):

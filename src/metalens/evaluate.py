@@ -24,6 +24,7 @@ from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from metalens.episode import Episode
+from metalens.errors import NumericalError
 from metalens.functional import task_mean
 from metalens.learners.base import Learner
 from metalens.tasks.base import Split, TaskFamily
@@ -158,7 +159,9 @@ def evaluate(
                               bar=bar) if oracle_fn is not None else None
     for k, v in per_np.items():
         if not np.isfinite(v).all():
-            raise FloatingPointError(f"the learner's {k} is non-finite on {int((~np.isfinite(v)).sum())} tasks")
+            raise NumericalError(f"{learner.registry_name}'s {k} is non-finite on {int((~np.isfinite(v)).sum())} of "
+                                 f"{n} held-out tasks: its predictions diverged (non-finite weights, or an inner loop "
+                                 "that diverges with these options)")
     return Evaluation(
         task=family.registry_name, learner=learner.registry_name, episodes=n, seed=seed,
         metrics={k: summarize(v) for k, v in per_np.items()},

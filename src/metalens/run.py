@@ -15,16 +15,19 @@ torch.Size([2, 10, 1])
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from metalens import __version__, checkpoint, distributed
+from metalens import __version__, checkpoint, distributed, runfolder
 from metalens.config import ConfigError, from_dict, to_dict
-from metalens.errors import RunFolderError
+from metalens.errors import CheckpointError, MetalensError, NumericalError, RunFolderBusy, RunFolderError, excerpt
 from metalens.episode import TaskSpec
 from metalens.evaluate import Evaluation, evaluate
 from metalens.learners.base import Learner
@@ -34,7 +37,7 @@ from metalens.tasks.base import TaskFamily
 from metalens.train import TrainConfig, TrainResult, train
 
 __all__ = ["RunConfig", "Run", "RunFolderError", "make_task", "make_learner", "start_run", "load_run",
-           "ensure_trained", "resume_config"]
+           "ensure_trained", "open_run", "resume_config", "check_resumable", "check_fits"]
 
 
 def make_task(name: str, **options: Any) -> TaskFamily:
@@ -101,6 +104,12 @@ class RunConfig:
         return self.resolve(self.task, self.learner, {**self.task_options, **(task or {})},
                             {**self.learner_options, **(learner or {})}, {**to_dict(self.train), **(train or {})})
 
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must have been trained as: the family and the learner with their options (the
+        trainer's options may change on resume). Saved in every checkpoint's ``state.json``."""
+        return {"task": {"name": self.task, **self.task_options}, "learner": {"name": self.learner,
+                                                                               **self.learner_options}}
+
     def to_json(self) -> dict[str, Any]:
         return {"metalens": __version__,
                 "task": {"name": self.task, **self.task_options},
@@ -135,8 +144,9 @@ class Run:
     step: int = 0
 
     def train(self, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
+        """Meta-train into the run folder (``resume``: from its newest checkpoint)."""
         res = train(self.learner, self.family, self.config.train, run_dir=self.path, resume=resume,
-                    progress=progress)
+                    progress=progress, extra_state={"run": self.config.identity()})
         self.step = res.step
         return res
 
@@ -147,12 +157,16 @@ class Run:
 
 def _read_config(path: Path) -> RunConfig:
     cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise RunFolderError(f"{path} is not a metalens run folder (no such folder)")
     try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+        raw = checkpoint.read_small(cfg_file, what="the run configuration")
     except FileNotFoundError:
         raise RunFolderError(f"{path} is not a metalens run folder (no config.json)") from None
-    except json.JSONDecodeError as e:
-        raise RunFolderError(f"{cfg_file} is not valid JSON: {e}") from None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RunFolderError(f"{cfg_file} is not valid JSON (it starts {excerpt(raw, 30)})") from None
     try:
         return RunConfig.from_json(data)
     except ConfigError as e:
@@ -177,12 +191,13 @@ def resume_config(path: str | Path, *, task: str | None = None, learner: str | N
 def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False) -> Run:
     """Prepare a run (and its folder) without training it yet.
 
-    A new run refuses a folder that is not empty. ``resume=True`` needs the folder
-    to hold a run with the same configuration (only ``train.steps``, ``train.device`` and
-    ``train.compile`` may change, and the learning-rate schedule while every step the saved
-    run was configured for keeps its rate: a constant run may go on with a decay that starts
-    at or after its saved ``train.steps``). The family and learner are built before the folder is
-    touched, so options they refuse leave no trace.
+    A new run refuses a folder that is not empty. ``resume=True`` needs the folder to hold a
+    sound run (see :func:`check_resumable`) with the same configuration: only ``train.steps``
+    (never below the step reached), ``train.device`` and ``train.compile`` may change, and the
+    learning-rate schedule while every step the saved run was configured for keeps its rate (a
+    constant run may go on with a decay that starts at or after its saved ``train.steps``). The
+    family and learner are built, and every check made, before the folder is touched, so a refused
+    command leaves no trace. The folder's lock is held while it is prepared (and by the trainer).
     """
     path = Path(out) if out is not None else None
     w = distributed.world()
@@ -192,41 +207,131 @@ def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False
     error = None
     if path is not None and w.is_writer:
         try:
-            _prepare_folder(config, path, resume)
-        except RunFolderError as e:
-            error = str(e)
+            _precheck(path, resume)
+            with runfolder.lock(path):
+                _prepare_folder(config, learner, path, resume)
+        except MetalensError as e:
+            error = (type(e).__name__, str(e))
     if w.size > 1:  # rank 0 checked the folder; every rank learns the verdict
         verdict = [error]
         torch.distributed.broadcast_object_list(verdict, src=0)
         error = verdict[0]
     if error is not None:
-        raise RunFolderError(error)
+        raise RunFolderBusy(error[1]) if error[0] == "RunFolderBusy" else RunFolderError(error[1])
     return Run(config, family, learner, path)
 
 
-def _prepare_folder(config: RunConfig, path: Path, resume: bool) -> None:
-    """Check that ``path`` may hold this run, and write its ``config.json``."""
+def _precheck(path: Path, resume: bool) -> None:
+    """What can be refused before the folder is locked (so that a refused command writes nothing in it)."""
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{path} is a file, not a run folder; choose another --out folder")
     if resume:
-        saved = _read_config(path)
-        new = config.train
-        free = {"device": new.device, "compile": new.compile}
-        # steps and the schedule may change while every step the saved run was configured for keeps its lr
-        if saved.train.constant_through(saved.train.steps) and new.constant_through(saved.train.steps):
-            free.update(steps=new.steps, lr_schedule=new.lr_schedule, lr_decay_start=new.lr_decay_start)
-        if replace(saved.train, **free) != new or (
-                saved.task, saved.learner, saved.task_config, saved.learner_config) != (
-                config.task, config.learner, config.task_config, config.learner_config):
-            raise RunFolderError(
-                f"{path} holds a run with a different configuration; a run continues as it was configured "
-                "(only train.steps, train.device and train.compile may change, and a constant learning rate "
-                "may turn into a decay that starts at or after the saved train.steps): choose another --out "
-                "folder for a new run")
-    elif path.exists() and any(path.iterdir()):
+        if not (path / "config.json").exists():
+            raise RunFolderError(f"{path} is not a metalens run folder (no config.json); nothing to resume")
+    elif path.is_dir() and any(p.name != runfolder.LOCK_NAME for p in path.iterdir()):
         what = "holds a run" if (path / "config.json").exists() else "is not empty"
         hint = "pass --resume to continue it, or " if what == "holds a run" else ""
         raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
-    path.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json_atomic(path / "config.json", config.to_json())
+
+
+@contextlib.contextmanager
+def open_run(config: RunConfig, out: str | Path, *, resume: bool = False) -> Iterator[Run]:
+    """:func:`start_run` with the folder's lock held for the whole ``with`` block (what a command that trains
+    does: one writer per run folder, from the first check to the last checkpoint)."""
+    path = Path(out)
+    if not distributed.world().is_writer:
+        yield start_run(config, path, resume=resume)
+        return
+    _precheck(path, resume)
+    with runfolder.lock(path):
+        yield start_run(config, path, resume=resume)
+
+
+def _prepare_folder(config: RunConfig, learner: Learner, path: Path, resume: bool) -> None:
+    """Check that ``path`` (locked by the caller) may hold this run, and write its ``config.json``."""
+    if not resume:
+        others = [p.name for p in path.iterdir() if p.name != runfolder.LOCK_NAME]
+        if others:
+            what = "holds a run" if "config.json" in others else "is not empty"
+            hint = "pass --resume to continue it, or " if what == "holds a run" else ""
+            raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
+        _write_config(path, config)
+        return
+    saved = check_resumable(path, learner)
+    new = config.train
+    free = {"device": new.device, "compile": new.compile}
+    # steps and the schedule may change while every step the saved run was configured for keeps its lr
+    if saved.train.constant_through(saved.train.steps) and new.constant_through(saved.train.steps):
+        free.update(steps=new.steps, lr_schedule=new.lr_schedule, lr_decay_start=new.lr_decay_start)
+    if replace(saved.train, **free) != new or saved.identity() != config.identity():
+        raise RunFolderError(
+            f"{path} holds a run with a different configuration; a run continues as it was configured "
+            "(only train.steps, train.device and train.compile may change, and a constant learning rate "
+            "may turn into a decay that starts at or after the saved train.steps): choose another --out "
+            "folder for a new run")
+    reached = _reached(path)
+    if new.steps < reached:
+        raise RunFolderError(f"the run in {path} has reached step {reached}; train.steps = {new.steps} would "
+                             f"go back: give --steps {reached} or more")
+    if saved != config:
+        _write_config(path, config)
+
+
+def _write_config(path: Path, config: RunConfig) -> None:
+    try:
+        checkpoint.write_json_atomic(path / "config.json", config.to_json())
+    except OSError as e:
+        raise RunFolderError(f"cannot write {path / 'config.json'}: {e.strerror or e}") from None
+
+
+def _reached(path: Path) -> int:
+    found, _ = checkpoint.recover_latest(path, rewrite=False)
+    return 0 if found is None else int(found.name[5:])
+
+
+def check_resumable(path: Path, learner: Learner) -> RunConfig:
+    """Everything a resume needs, checked before anything in the folder changes; returns the saved config.
+
+    No symbolic link inside the folder; a sound ``config.json``; the checkpoint to continue from (a
+    lost or damaged ``latest`` is recovered from the newest complete checkpoint) fits ``learner``
+    (names, shapes, dtypes), holds finite numbers and was trained with this ``config.json``.
+    Temporary entries left by a crash are removed.
+    """
+    runfolder.check_no_links(path)
+    checkpoint.remove_leftovers(path)
+    saved = _read_config(path)
+    found, note = checkpoint.recover_latest(path)
+    if note:
+        _warn(note)
+    if found is not None:
+        check_fits(checkpoint.load(found), learner, saved, path)
+    return saved
+
+
+def check_fits(ckpt: checkpoint.Checkpoint, learner: Learner, config: RunConfig, path: Path,
+               changed: list[str] | None = None) -> None:
+    """Refuse a checkpoint that was not trained as ``config`` says or does not fit ``learner``."""
+    trained = ckpt.state.get("run")
+    if trained is not None and trained != config.identity():
+        t = trained if isinstance(trained, dict) else {}
+        names = [excerpt(str((t.get(k) if isinstance(t.get(k), dict) else {}).get("name"))) for k in ("learner", "task")]
+        was = f"learner {names[0]} on {names[1]}"
+        raise CheckpointError(f"{path / 'config.json'} does not match the checkpoint {ckpt.path.name}, which was "
+                              f"trained as {was} with other options; restore the run's config.json")
+    problems = checkpoint.mismatches(ckpt.model, learner.state_dict())
+    if problems:
+        because = (f"; the options {', '.join(changed)} change the parameters' shapes and cannot be changed at "
+                   "evaluation") if changed else ""
+        raise CheckpointError(f"the checkpoint {ckpt.path} does not fit the learner {config.learner!r} as "
+                              f"configured ({'; '.join(problems)[:200]}){because}")
+    bad = checkpoint.non_finite(ckpt.model)
+    if bad:
+        raise NumericalError(f"the checkpoint {ckpt.path} holds non-finite weights ({', '.join(bad[:3])}); the run "
+                             "diverged before it was written: use an earlier checkpoint or train again")
+
+
+def _warn(text: str) -> None:
+    print(f"metalens: note: {text}", file=sys.stderr)
 
 
 def ensure_trained(config: RunConfig, out: str | Path, *, progress: bool | None = None) -> Run:
@@ -237,46 +342,37 @@ def ensure_trained(config: RunConfig, out: str | Path, *, progress: bool | None 
     """
     out = Path(out)
     resume = (out / "config.json").exists()
-    run = start_run(config, out, resume=resume)
-    run.train(resume=resume, progress=progress)
+    with open_run(config, out, resume=resume) as run:
+        run.train(resume=resume, progress=progress)
     return run
 
 
 def train_worker(cfg: RunConfig, out: str | None, resume: bool, progress: bool | None) -> None:
     """One process of a multi-process run (the target of :func:`metalens.distributed.launch`)."""
     family, learner = cfg.build()
-    train(learner, family, cfg.train, run_dir=out, resume=resume, progress=progress)
+    train(learner, family, cfg.train, run_dir=out, resume=resume, progress=progress,
+          extra_state={"run": cfg.identity()})
 
 
 def load_run(path: str | Path, *, task_options: dict[str, Any] | None = None,
              learner_options: dict[str, Any] | None = None) -> Run:
-    """Load a trained run from its folder, at its newest checkpoint.
+    """Load a trained run from its folder, at its newest checkpoint (read only: nothing is written).
 
     ``task_options`` / ``learner_options`` change evaluation-time settings (e.g.
     shots, adaptation steps) without touching the trained parameters; an option
     that would change the parameters' shapes is refused.
     """
     path = Path(path)
-    cfg = _read_config(path).updated(task=task_options, learner=learner_options)
+    saved = _read_config(path)
+    cfg = saved.updated(task=task_options, learner=learner_options)
     family, learner = cfg.build()
-    ckpt = checkpoint.load(checkpoint.latest(path))
-    missing, unexpected = _compare_state(learner, ckpt.model)
-    if missing or unexpected:
-        changed = sorted(set(learner_options or {}) | set(task_options or {}))
-        raise ConfigError(
-            f"the checkpoint in {path} does not fit the learner as configured "
-            f"({'; '.join(missing + unexpected)[:200]}); "
-            f"the options {', '.join(changed) or '(none)'} change the parameters' shapes and cannot be "
-            "changed at evaluation")
+    found, note = checkpoint.recover_latest(path, rewrite=False)
+    if found is None:
+        raise CheckpointError(f"{path} has no checkpoint yet; train it first (metalens train --resume --out {path})")
+    if note:
+        _warn(note)
+    ckpt = checkpoint.load(found)
+    check_fits(ckpt, learner, saved, path, changed=sorted(set(learner_options or {}) | set(task_options or {})))
     learner.load_state_dict(ckpt.model)
     learner.eval()
     return Run(cfg, family, learner, path, step=ckpt.step)
-
-
-def _compare_state(learner: Learner, state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    own = learner.state_dict()
-    missing = [f"missing {k}" for k in own if k not in state]
-    unexpected = [f"unexpected {k}" for k in state if k not in own]
-    shapes = [f"{k}: {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    return missing + shapes, unexpected
