@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +44,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from metalens.errors import CheckpointError, RunFailed, excerpt
+from metalens.files import TMP_SUFFIX, NotRegular, fsync_dir, read_regular, write_text_atomic
 
 __all__ = ["Checkpoint", "CheckpointError", "save", "load", "latest", "complete", "recover_latest", "remove_leftovers",
-           "complete_names", "mismatches", "non_finite", "read_small", "write_json_atomic", "write_text_atomic", "TMP_SUFFIX"]
+           "complete_names", "mismatches", "non_finite", "read_small"]
 
 FORMAT = "metalens-checkpoint"
 FORMAT_VERSION = 1
-TMP_SUFFIX = ".tmp"  # every temporary entry metalens writes is named ".<name>.<random>.tmp"
 _NAME = re.compile(r"step_(\d{8,})")
 _MAX_SMALL = 1 << 20  # state.json, latest, config.json: larger files are not ours
 
@@ -63,39 +62,6 @@ class Checkpoint:
     model: dict[str, Tensor]
     optimizer: dict[str, Any]  # a torch optimiser state_dict, ready for load_state_dict
     state: dict[str, Any]  # JSON extras (seed, metrics, ...)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file beside it, fsync and rename: a reader sees the old
-    file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -122,27 +88,17 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
 
 
 def read_small(path: str | Path, *, what: str, limit: int = _MAX_SMALL) -> bytes:
-    """The bytes of a small regular file, never through a symbolic link (:class:`CheckpointError` otherwise)."""
-    path = Path(path)
+    """The bytes of a small file of a run folder, never through a symbolic link (:class:`CheckpointError`
+    otherwise; ``FileNotFoundError`` if it is missing)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        return read_regular(path, limit=limit)
     except FileNotFoundError:
         raise
+    except NotRegular as e:
+        how = "; a run folder holds only its own files (remove the link)" if "link" in str(e) else ""
+        raise CheckpointError(f"{what} {path} {e}{how}") from None
     except OSError as e:
-        if path.is_symlink():
-            raise CheckpointError(f"{path} is a symbolic link; a run folder holds only its own files (remove the "
-                                  "link)") from None
         raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{what} {path} is not a regular file")
-        if st.st_size > limit:
-            raise CheckpointError(f"{what} {path} is {st.st_size} bytes, too large to be one of metalens' files")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)
-    finally:
-        os.close(fd)
 
 
 def save(
@@ -177,13 +133,13 @@ def save(
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = root / name
         if final.exists() and not final.is_symlink():  # an older save of the same step (a run resumed and re-saved)
             shutil.rmtree(final)
         os.replace(tmp, final)
         tmp = None
-        _fsync_dir(root)
+        fsync_dir(root)
         write_text_atomic(root / "latest", name + "\n")
     except (OSError, SafetensorError) as e:
         if tmp is not None:

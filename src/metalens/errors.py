@@ -20,7 +20,7 @@ from __future__ import annotations
 import signal
 
 __all__ = ["MetalensError", "ConfigError", "RunFolderError", "CheckpointError", "RunFolderBusy", "DataError",
-           "RunFailed", "NumericalError", "TrainingDiverged", "Interrupted", "excerpt"]
+           "RunFailed", "NumericalError", "TrainingDiverged", "Interrupted", "excerpt", "reason"]
 
 
 class MetalensError(Exception):
@@ -91,3 +91,12 @@ def excerpt(data: bytes | str, limit: int = 40) -> str:
         data = data[: limit * 4].decode("utf-8", errors="backslashreplace")
     short = data[:limit]
     return repr(short) + ("..." if len(data) > limit else "")
+
+
+def reason(e: BaseException) -> str:
+    """An exception's message on one short line (its type's name when it has none).
+
+    >>> reason(OSError("no space\tleft  on device"))
+    'no space left on device'
+    """
+    return " ".join(str(e).split())[:120] or type(e).__name__

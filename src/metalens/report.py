@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metalens.checkpoint import write_json_atomic, write_text_atomic
 import numpy as np
 
 from metalens.evaluate import Evaluation, Metric, summarize
+from metalens.files import write_json_atomic, write_text_atomic
 
 __all__ = ["Check", "Table", "Report", "at_most", "at_least", "not_below", "above", "oracle_bound", "fmt", "metrics_table",
            "METRICS_NOTE"]

@@ -27,12 +27,13 @@ import torch
 
 from metalens import __version__, checkpoint, distributed, runfolder
 from metalens.config import ConfigError, from_dict, to_dict
-from metalens.errors import CheckpointError, MetalensError, NumericalError, RunFolderBusy, RunFolderError, excerpt
 from metalens.episode import TaskSpec
+from metalens.errors import CheckpointError, MetalensError, NumericalError, RunFolderBusy, RunFolderError, excerpt
 from metalens.evaluate import Evaluation, evaluate
+from metalens.files import write_json_atomic
 from metalens.learners.base import Learner
-from metalens.rng import seeded_init
 from metalens.registry import LEARNERS, TASKS
+from metalens.rng import seeded_init
 from metalens.tasks.base import TaskFamily
 from metalens.train import TrainConfig, TrainResult, train
 
@@ -279,7 +280,7 @@ def _prepare_folder(config: RunConfig, learner: Learner, path: Path, resume: boo
 
 def _write_config(path: Path, config: RunConfig) -> None:
     try:
-        checkpoint.write_json_atomic(path / "config.json", config.to_json())
+        write_json_atomic(path / "config.json", config.to_json())
     except OSError as e:
         raise RunFolderError(f"cannot write {path / 'config.json'}: {e.strerror or e}") from None
 

@@ -33,6 +33,7 @@ from metalens import checkpoint, distributed, rng, runfolder
 from metalens.config import ConfigError, Options, opt
 from metalens.errors import (CheckpointError, Interrupted, NumericalError, RunFailed, RunFolderError,
                              TrainingDiverged)
+from metalens.files import write_text_atomic
 from metalens.learners.base import Learner
 from metalens.tasks.base import TaskFamily
 
@@ -141,7 +142,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             break  # a torn last line
-    checkpoint.write_text_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class _StopOnSignals:

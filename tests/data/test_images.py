@@ -102,14 +102,14 @@ def test_a_bad_image_is_one_data_error_naming_it(tmp_path, name):
 def test_load_image_of_a_missing_file_or_a_folder_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*nowhere\.png: No such file"):
         load_image(tmp_path / "nowhere.png")
-    with pytest.raises(DataError, match=r"cannot read image .*: not a regular file"):
+    with pytest.raises(DataError, match=r"refusing image .*: it is not a regular file"):
         load_image(tmp_path)
 
 
 def test_an_image_file_larger_than_the_cap_is_refused_unread(tmp_path):
     path = tmp_path / "huge.png"
     path.write_bytes(png())
-    with pytest.raises(DataError, match=r"refusing image .*huge\.png: \d+ bytes, more than"):
+    with pytest.raises(DataError, match=r"refusing image .*huge\.png: it is \d+ bytes, more than"):
         data_images.read_file(path, limit=100)
 
 

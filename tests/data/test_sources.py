@@ -246,5 +246,5 @@ def test_a_file_name_with_a_newline_is_quoted_on_one_line(tmp_path):
 def test_a_named_pipe_called_png_is_refused_without_hanging(tmp_path):
     root = as_folder(tmp_path / "f", toy_files())
     os.mkfifo(root / "g0" / "c0" / "pipe.png")
-    with pytest.raises(DataError, match=r"cannot read image .*pipe\.png: not a regular file"):
+    with pytest.raises(DataError, match=r"refusing image .*pipe\.png: it is not a regular file"):
         read_images(root)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from metalens.errors import DataError, excerpt
+from metalens.errors import DataError, excerpt, reason
 
 __all__ = ["UnsafeArchiveError", "check_archive", "open_zip", "read_member", "extract_zip", "md5sum", "download",
            "MAX_MEMBER_BYTES"]
@@ -39,7 +39,7 @@ class UnsafeArchiveError(DataError):
     """An archive holds a member whose path could escape the folder it is extracted into."""
 
 
-def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
+def _unsafereason(info: zipfile.ZipInfo) -> str | None:
     name = info.filename
     if "\x00" in name:
         return "contains a NUL byte"
@@ -58,7 +58,7 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
 def check_archive(archive: zipfile.ZipFile, *, where: str = "") -> None:
     """Raise :class:`UnsafeArchiveError` if any member of ``archive`` could escape its folder."""
     for info in archive.infolist():
-        why = _unsafe_reason(info)
+        why = _unsafereason(info)
         if why is not None:
             raise UnsafeArchiveError(
                 f"refusing the archive {where or archive.filename}: member {info.filename!r} {why}; "
@@ -67,10 +67,6 @@ def check_archive(archive: zipfile.ZipFile, *, where: str = "") -> None:
 
 def _mib(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
-
-
-def _reason(e: BaseException) -> str:
-    return " ".join(str(e).split())[:120] or type(e).__name__
 
 
 def open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
@@ -90,15 +86,15 @@ def open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
         if head[:2] != b"PK":
             raise DataError(f"{os.fspath(path)} is not a zip file (it starts {excerpt(head, 24)}); "
                             f"{_REDO}, or give the folder of images instead") from None
-        raise DataError(f"{os.fspath(path)} is a damaged zip file ({_reason(e)}); {_REDO}") from None
+        raise DataError(f"{os.fspath(path)} is a damaged zip file ({reason(e)}); {_REDO}") from None
     except OSError as e:
         raise DataError(f"cannot read {os.fspath(path)}: {e.strerror or e}") from None
     except Exception as e:  # zipfile's parser on forged headers: ValueError, struct.error, EOFError, ...
-        raise DataError(f"{os.fspath(path)} is a damaged zip file ({_reason(e)}); {_REDO}") from None
+        raise DataError(f"{os.fspath(path)} is a damaged zip file ({reason(e)}); {_REDO}") from None
 
 
 def _member_error(where: str, info: zipfile.ZipInfo, e: BaseException) -> DataError:
-    return DataError(f"cannot read member {info.filename!r} of {where}: the archive is damaged ({_reason(e)}); "
+    return DataError(f"cannot read member {info.filename!r} of {where}: the archive is damaged ({reason(e)}); "
                      f"{_REDO}")
 
 
@@ -202,7 +198,7 @@ def download(
             try:
                 src = (opener or urllib.request.urlopen)(url)
             except urllib.error.URLError as e:
-                raise DataError(f"cannot download {url}: {_reason(e.reason)}; check the address and the network, "
+                raise DataError(f"cannot download {url}: {reason(e.reason)}; check the address and the network, "
                                 f"or put the file at {dest} by hand") from None
             with src:
                 for block in iter(lambda: src.read(1 << 20), b""):

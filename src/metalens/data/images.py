@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import warnings
 from typing import Literal
 
@@ -28,7 +27,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from metalens.errors import DataError, excerpt
+from metalens.errors import DataError, excerpt, reason
+from metalens.files import NotRegular, read_regular
 
 __all__ = ["IMAGE_SUFFIXES", "RESAMPLE", "MAX_PIXELS", "MAX_FILE_BYTES", "load_image", "decode_u8",
            "check_fits", "physical_memory", "read_file", "to_float"]
@@ -39,15 +39,6 @@ MAX_PIXELS = 64_000_000  # an image whose square canvas is larger is refused as 
 MAX_FILE_BYTES = 64 << 20  # an image file (or zip member) larger than this is refused unread
 _FALLBACK_MEMORY = 1 << 40  # where the physical memory cannot be read: refuse only the absurd
 _HOW_TO_FIX = "remove the file or replace it with a PNG, JPEG, BMP or GIF image"
-
-
-def _reason(e: BaseException) -> str:
-    """An exception's message on one short line."""
-    return " ".join(str(e).split())[:120] or type(e).__name__
-
-
-def _mib(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def physical_memory() -> int:
@@ -98,7 +89,7 @@ def decode_u8(data: bytes, size: int, resample: str, invert: bool, *, where: str
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _bomb(where, _reason(e).split(",")[0]) from None  # "Image size (N pixels) exceeds limit of M pixels"
+        raise _bomb(where, reason(e).split(",")[0]) from None  # "Image size (N pixels) exceeds limit of M pixels"
     except Exception:  # anything Pillow cannot identify: Unidentified..., SyntaxError, struct.error, ...
         what = "is empty" if not data else f"is not an image Pillow can read (it starts {excerpt(data, 24)})"
         raise DataError(f"image {where} {what}; {_HOW_TO_FIX}") from None
@@ -125,8 +116,8 @@ def decode_u8(data: bytes, size: int, resample: str, invert: bool, *, where: str
             a = np.asarray(im, dtype=np.uint8)
         except Exception as e:  # truncated or damaged data: OSError, SyntaxError, zlib.error, ValueError, ...
             if isinstance(e, Image.DecompressionBombError):
-                raise _bomb(where, _reason(e).split(",")[0]) from None
-            raise DataError(f"image {where} is truncated or damaged ({_reason(e)}); {_HOW_TO_FIX}") from None
+                raise _bomb(where, reason(e).split(",")[0]) from None
+            raise DataError(f"image {where} is truncated or damaged ({reason(e)}); {_HOW_TO_FIX}") from None
     return 255 - a if invert else a.copy()
 
 
@@ -143,31 +134,15 @@ def read_file(path: str | os.PathLike, *, limit: int = MAX_FILE_BYTES, follow: b
     ``where`` names the file in errors (default: its path).
     """
     where = os.fspath(path) if where is None else where
-    if not follow and os.path.islink(path):
-        raise DataError(f"{where} is a symbolic link; links inside a data folder are not followed (their target "
-                        "could be anything): replace it with the file it points to")
-    # O_NONBLOCK: a FIFO named x.png must not hang the open; O_NOFOLLOW closes the race with the check above
-    flags = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
-             | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
     try:
-        fd = os.open(path, flags)
+        return read_regular(path, limit=limit, follow=follow)
+    except NotRegular as e:
+        if "link" in str(e):
+            raise DataError(f"{where} is a symbolic link; links inside a data folder are not followed (their "
+                            "target could be anything): replace it with the file it points to") from None
+        raise DataError(f"refusing image {where}: it {e}; {_HOW_TO_FIX}") from None
     except OSError as e:
         raise DataError(f"cannot read image {where}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"cannot read image {where}: not a regular file; {_HOW_TO_FIX}")
-        if st.st_size > limit:
-            raise DataError(f"refusing image {where}: {st.st_size} bytes, more than {_mib(limit)}; {_HOW_TO_FIX}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise DataError(f"cannot read image {where}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:  # it grew while being read
-        raise DataError(f"refusing image {where}: more than {_mib(limit)}; {_HOW_TO_FIX}")
-    return data
 
 
 def load_image(
