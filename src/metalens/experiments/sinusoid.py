@@ -110,8 +110,6 @@ class SinusoidGradient(Study):
                 try:
                     ev = ctx.evaluate(name, episodes=c.episodes, task={"shots": K},
                                       learner={option: n} if option else None)
-                except NumericalError:
-                    raise
                 except NumericalError as e:  # e.g. an inner loop that diverges at this many steps
                     ctx.say(f"{name} K={K} steps={n}: diverged ({e})")
                     cells[name][(K, n)] = Metric(float("nan"), float("nan"))
