@@ -147,8 +147,8 @@ def _coerce(tp: Any, value: Any) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
+        if type(None) in args and (value is None or (value == "null" and str not in args)):
+            return None  # TOML has no null: --set accepts the bare word null
         for a in args:
             if a is type(None):
                 continue

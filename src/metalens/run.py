@@ -265,11 +265,12 @@ def _prepare_folder(config: RunConfig, learner: Learner, path: Path, resume: boo
     if saved.train.constant_through(saved.train.steps) and new.constant_through(saved.train.steps):
         free.update(steps=new.steps, lr_schedule=new.lr_schedule, lr_decay_start=new.lr_decay_start)
     if replace(saved.train, **free) != new or saved.identity() != config.identity():
-        raise RunFolderError(
-            f"{path} holds a run with a different configuration; a run continues as it was configured "
-            "(only train.steps, train.device and train.compile may change, and a constant learning rate "
-            "may turn into a decay that starts at or after the saved train.steps): choose another --out "
-            "folder for a new run")
+        may = ("train.steps, train.device and train.compile, and a constant learning rate may turn into a decay "
+               "that starts at or after the saved train.steps" if "steps" in free else
+               "train.device and train.compile (its learning rate decays over its configured train.steps, so they "
+               "stay)")
+        raise RunFolderError(f"{path} holds a run with a different configuration; a run continues as it was "
+                             f"configured (only {may} may change): choose another --out folder for a new run")
     reached = _reached(path)
     if new.steps < reached:
         raise RunFolderError(f"the run in {path} has reached step {reached}; train.steps = {new.steps} would "

@@ -105,12 +105,12 @@ def check_device(device: str) -> None:
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r}: CUDA is not available on this machine "
-                              "(torch.cuda.is_available() is False); use --device cpu")
+                              "(torch.cuda.is_available() is False); use the cpu")
         if d.index is not None and d.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif d.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {device!r}: MPS is not available on this machine "
-                          "(torch.backends.mps.is_available() is False); use --device cpu")
+                          "(torch.backends.mps.is_available() is False); use the cpu")
 
 
 @dataclass

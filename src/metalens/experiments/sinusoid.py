@@ -180,6 +180,16 @@ class SinusoidGradient(Study):
                     report.check(f"maml.K={K},steps={c.adapt_steps[-1]}.beats_pretrain",
                                  Check(round(ratio, 4), "< 1 (MSE ratio maml / pretrain)", ratio < 1))
 
+    @staticmethod
+    def _finite(ctx: Context, learner: Any, family: Any) -> bool:
+        """Whether ``learner`` predicts the figure's tasks without diverging (it is left out otherwise)."""
+        ep = family.eval_episodes(0, 4)
+        try:
+            ctx.score(learner.predict, ep, with_nll=False)
+        except NumericalError:
+            return False
+        return True
+
     def _predictions(self, ctx: Context) -> Path | None:
         """Predictions on a few held-out tasks at the first K, after the last number of adaptation steps."""
         c = self.effective()
@@ -189,7 +199,7 @@ class SinusoidGradient(Study):
             option = ADAPTATION_STEPS.get(name)
             run = ctx.run(name, task={"shots": K}, learner={option: n} if option else None)
             family = run.family
-            if name != "oracle":
+            if name != "oracle" and self._finite(ctx, run.learner, family):
                 learners[name] = run.learner.to("cpu")
         if family is None or not learners:
             return None

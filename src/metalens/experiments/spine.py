@@ -53,6 +53,8 @@ def toml_value(v: Any) -> str:
     >>> toml_value({"cnp": 100, "lnp": 65}), toml_value(("rbf", "matern52")), toml_value(False)
     ('{cnp = 100, lnp = 65}', '["rbf", "matern52"]', 'false')
     """
+    if v is None:
+        return "null"  # not TOML, but what --set reads as "no value" for an option that may be null
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, dict):
@@ -64,13 +66,13 @@ def toml_value(v: Any) -> str:
     return repr(v)
 
 
-def set_arg(name: str, value: Any) -> str:
-    """``--set 'study.NAME=VALUE'`` as one shell word (VALUE in TOML).
+def set_arg(name: str, value: Any, section: str = "study") -> str:
+    """``--set 'SECTION.NAME=VALUE'`` as one shell word (VALUE in TOML).
 
     >>> print(set_arg("kernels", ["rbf"]))
     --set 'study.kernels=["rbf"]'
     """
-    arg = f"study.{name}={toml_value(value)}".replace("'", "'\\''")
+    arg = f"{section}.{name}={toml_value(value)}".replace("'", "'\\''")
     return f"--set '{arg}'"
 
 

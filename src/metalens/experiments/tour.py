@@ -37,7 +37,7 @@ def _known(names: tuple[str, ...]) -> None:
 
 @STUDIES.register("tour")
 class Tour(Study):
-    """Every learner on its canonical family with a small budget, beside the oracle (``metalens tour``)."""
+    """Every learner on its canonical family with a small budget, beside the oracle (metalens tour)."""
 
     title = "metalens tour"
 

@@ -102,10 +102,15 @@ class Learner(nn.Module, ABC):
 
     # -- helpers for subclasses -------------------------------------------------------------------
     def output_distribution(self, out: Tensor, *, scale: Tensor | float = 1.0) -> Distribution:
-        """Wrap a network's raw output ``[T, Q, out]`` as the contract's distribution."""
+        """Wrap a network's raw output ``[T, Q, out]`` as the contract's distribution.
+
+        Built without ``torch.distributions``' argument checks: a diverging network's NaN outputs must
+        reach the trainer's and the evaluator's finiteness checks (one clear message), not fail here.
+        """
         if self.spec.is_classification:
-            return Categorical(logits=out)
-        return Normal(out, torch.as_tensor(scale, dtype=out.dtype, device=out.device).expand_as(out))
+            return Categorical(logits=out, validate_args=False)
+        return Normal(out, torch.as_tensor(scale, dtype=out.dtype, device=out.device).expand_as(out),
+                      validate_args=False)
 
     @property
     def out_features(self) -> int:

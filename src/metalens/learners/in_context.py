@@ -111,11 +111,11 @@ class _InContext(Learner):
     def _distribution(self, out: Tensor) -> Distribution:
         """Raw head output ``[..., out]`` -> the contract's distribution."""
         if self.spec.is_classification:
-            return Categorical(logits=out)
+            return Categorical(logits=out, validate_args=False)
         if not self.probabilistic:
-            return Normal(out, torch.ones_like(out))
+            return Normal(out, torch.ones_like(out), validate_args=False)
         mean, raw = out.chunk(2, -1)
-        return Normal(mean, self.min_scale + (1 - self.min_scale) * F.softplus(raw))
+        return Normal(mean, self.min_scale + (1 - self.min_scale) * F.softplus(raw), validate_args=False)
 
     def _encode_y(self, y: Tensor, dtype: torch.dtype) -> Tensor:
         """Targets as features: one-hot ``[.., N]`` for class ids, else ``y`` itself ``[.., dy]``."""

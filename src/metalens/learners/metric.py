@@ -153,7 +153,7 @@ class _MetricLearner(Learner):
         else:
             out = torch.cat([self._logits(support_x[t:t + 1, support_mask[t]], support_y[t:t + 1, support_mask[t]],
                                           query_x[t:t + 1]) for t in range(support_x.shape[0])])
-        return Categorical(logits=out)
+        return Categorical(logits=out, validate_args=False)
 
     def _logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         z_s, z_q = self.embeddings(support_x, query_x)

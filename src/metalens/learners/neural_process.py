@@ -135,7 +135,7 @@ class LatentEncoder(nn.Module):
         for block in self.blocks:
             s = block(s, mask)
         mu, raw = self.head(mean_pool(s, mask)).chunk(2, -1)  # [T, latent_dim] each
-        return Normal(mu, 0.1 + 0.9 * torch.sigmoid(raw))
+        return Normal(mu, 0.1 + 0.9 * torch.sigmoid(raw), validate_args=False)
 
 
 class GaussianDecoder(nn.Module):
@@ -250,7 +250,7 @@ class CNP(Learner):
         qx = _flat(query_x)
         r = self.deterministic_path(sx, sy, support_mask, qx)
         mean, scale = self.decoder(torch.cat([r, qx], -1))
-        return Normal(mean, scale)  # [T, Q, dy]
+        return Normal(mean, scale, validate_args=False)  # [T, Q, dy]
 
 
 class LatentNeuralProcess(CNP):
@@ -286,8 +286,8 @@ class LatentNeuralProcess(CNP):
         z = prior.loc[:, None] + prior.scale[:, None] * eps  # [T, K, dz]: the same eps for every task
         mean, scale = self._decode(self.deterministic_path(sx, sy, support_mask, qx), z, qx)  # [T, K, Q, dy]
         mean, scale = mean.permute(0, 2, 3, 1), scale.permute(0, 2, 3, 1)  # [T, Q, dy, K]
-        mix = Categorical(logits=torch.zeros_like(mean))
-        return MixtureSameFamily(mix, Normal(mean, scale))
+        mix = Categorical(logits=torch.zeros_like(mean), validate_args=False)
+        return MixtureSameFamily(mix, Normal(mean, scale, validate_args=False), validate_args=False)
 
     def _posterior_terms(self, episode: Episode, samples: int, generator: torch.Generator, *,
                          from_prior: bool = False) -> tuple[Normal, Normal | None, Tensor, Tensor, Tensor]:
@@ -313,7 +313,7 @@ class LatentNeuralProcess(CNP):
         eps = torch.randn(T, samples, self.config.latent_dim, generator=generator, device=device, dtype=sx.dtype)
         z = proposal.loc[:, None] + proposal.scale[:, None] * eps  # [T, K, dz]
         mean, scale = self._decode(self.deterministic_path(sx, sy, s_mask, qx), z, qx)  # [T, K, Q, dy]
-        log_p = Normal(mean, scale).log_prob(qy[:, None]).sum(-1)  # [T, K, Q]
+        log_p = Normal(mean, scale, validate_args=False).log_prob(qy[:, None]).sum(-1)  # [T, K, Q]
         return prior, posterior, z, log_p, q_mask
 
     def meta_loss(self, episode: Episode, *,
