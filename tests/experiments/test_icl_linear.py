@@ -48,7 +48,7 @@ def test_quick_linear_study_writes_curves_for_every_method_and_reuses_its_run(ca
     assert "## Checks (" in md and "| `d2.near_oracle_at_2d` |" in md and "issue" not in md.lower()
     capsys.readouterr()
     assert main(argv) == 0
-    assert "(resuming)" in capsys.readouterr().out
+    assert "reusing the finished run" in capsys.readouterr().out
 
 
 def test_registered_and_options_checked(capsys, tmp_path):

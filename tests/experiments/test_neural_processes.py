@@ -64,7 +64,7 @@ def test_quick_study_from_the_cli_writes_its_report_and_reuses_its_runs(capsys, 
     # a second run reuses the finished runs (and refuses nothing)
     capsys.readouterr()
     assert main(argv) == 0
-    assert "(resuming)" in capsys.readouterr().out
+    assert "reusing the finished run" in capsys.readouterr().out
 
 
 def test_study_is_registered_and_checks_its_options():

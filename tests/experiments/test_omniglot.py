@@ -53,7 +53,7 @@ def test_quick_study_from_the_cli_writes_its_report(capsys, tmp_path):
             f"'study.shots=[1]' --set 'study.root={json.dumps(str(DATA))}' --set 'study.quick=true'`") in md
     capsys.readouterr()
     assert main(argv) == 0  # a second run reuses the finished runs
-    assert "(resuming)" in capsys.readouterr().out
+    assert "reusing the finished run" in capsys.readouterr().out
 
 
 def test_study_is_registered_and_checks_its_options():

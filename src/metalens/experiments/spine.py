@@ -175,9 +175,11 @@ class Context:
         self.configs[label] = cfg
         folder = self.path(label)
         resuming = (folder / "config.json").exists()
-        family_learner = f"{cfg.learner} on {cfg.task}"
-        self.say(f"{label} ({family_learner}): " + (f"training to step {cfg.train.steps}" if _trainable(cfg)
-                                                      else "nothing to train") + (" (resuming)" if resuming else ""))
+        reached = _reached(folder) if resuming else 0
+        what = (f"reusing the finished run (step {reached})" if resuming and reached >= cfg.train.steps
+                else f"training to step {cfg.train.steps}" + (f" (resuming from step {reached})" if resuming else "")
+                if _trainable(cfg) else "nothing to train")
+        self.say(f"{label} ({cfg.learner} on {cfg.task}): {what}")
         t0 = time.perf_counter()
         try:
             ensure_trained(cfg, folder, progress=self.progress)
@@ -254,6 +256,14 @@ def seconds_per_step(log: list[dict[str, Any]]) -> float | None:
              if isinstance(b.get("step"), int) and isinstance(a.get("step"), int) and b["step"] > a["step"]
              and b.get("seconds", 0) > a.get("seconds", 0)]
     return round(statistics.median_low(rates), 4) if rates else None
+
+
+def _reached(folder: Path) -> int:
+    """The step of a run folder's newest checkpoint (0 without one, or when it cannot be read: training says why)."""
+    try:
+        return int(checkpoint.latest(folder).name[len("step_"):])
+    except RunFolderError:
+        return 0
 
 
 def _trainable(cfg: RunConfig) -> bool:
