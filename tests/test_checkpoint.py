@@ -67,6 +67,11 @@ def test_errors(tmp_path):
         checkpoint.load(path)
     path = checkpoint.save(tmp_path, step=2, model={"w": torch.ones(1)}, optimizer=None, state={})
     (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="does not match the checksum"):
+        checkpoint.load(path)
+    state = json.loads((path / "state.json").read_text())
+    del state["sha256"]  # a checkpoint written without checksums: the tensors' own format check
+    (path / "state.json").write_text(json.dumps(state))
     with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
         checkpoint.load(path)
     (tmp_path / "checkpoints" / "latest").write_text("../../etc\n")

@@ -29,6 +29,7 @@ complete checkpoint (:func:`recover_latest`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from metalens.errors import CheckpointError, RunFailed, excerpt
-from metalens.files import TMP_SUFFIX, NotRegular, fsync_dir, read_regular, write_text_atomic
+from metalens.files import TMP_SUFFIX, UMASK, NotRegular, fsync_dir, read_regular, write_text_atomic
 
 __all__ = ["Checkpoint", "CheckpointError", "save", "load", "latest", "complete", "recover_latest", "remove_leftovers",
            "complete_names", "mismatches", "non_finite", "read_small"]
@@ -64,6 +65,14 @@ class Checkpoint:
     state: dict[str, Any]  # JSON extras (seed, metrics, ...)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors: dict[str, Tensor] = {}
     extras: dict[str, Any] = {}
@@ -73,7 +82,7 @@ def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str,
                 tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 extras[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "state_extras": extras}
+    return tensors, {"param_groups": sd["param_groups"], "state_extras": extras, "tensors": sorted(tensors)}
 
 
 def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -123,11 +132,13 @@ def save(
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=root))
+        os.chmod(tmp, 0o777 & ~UMASK)  # a checkpoint folder as any other folder the user makes
         model_t = {k: v.detach().cpu().contiguous() for k, v in model.items()}
         opt_t, opt_meta = _flatten_optimizer(optimizer or {"state": {}, "param_groups": []})
         save_file(model_t, tmp / "model.safetensors", metadata={"format": FORMAT})
         save_file(opt_t, tmp / "optimizer.safetensors", metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **state}
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **state,
+                "sha256": {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}}
         with open(tmp / "state.json", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         for p in tmp.iterdir():
@@ -200,28 +211,50 @@ def complete(run_dir: str | Path) -> list[Path]:
 def recover_latest(run_dir: str | Path, *, rewrite: bool = True) -> tuple[Path | None, str]:
     """The checkpoint a run continues from, and a note when ``latest`` had to be recovered.
 
-    ``latest`` as written, if it is sound; else (lost, damaged, naming a missing folder) the newest
-    complete checkpoint, and (``rewrite``) ``latest`` is rewritten to name it; ``(None, "")`` when the run has no
-    checkpoint folder at all. Checkpoint folders none of which loads are refused
-    (:class:`~metalens.errors.CheckpointError`): a run never restarts from step 0 over checkpoints.
+    ``latest`` is a pointer; the checkpoint folders are the data. A checkpoint folder is written
+    completely before ``latest`` names it, so a crash can leave ``latest`` one checkpoint behind, or
+    lost, but never a damaged folder. Hence:
+
+    - ``latest`` sound and naming a complete checkpoint that is the newest one: that checkpoint;
+    - ``latest`` lost, unreadable, or naming a missing folder or an older one: the newest checkpoint
+      folder, if it is complete, with a note; ``rewrite`` makes ``latest`` name it;
+    - a newest checkpoint folder that is damaged (named by ``latest`` or not), and a ``latest`` that
+      is a folder or a link: refused (:class:`~metalens.errors.CheckpointError`), nothing changed;
+    - no checkpoint folder at all: ``(None, "")`` (the run stopped before its first checkpoint).
     """
     run_dir = Path(run_dir)
-    try:
-        path = latest(run_dir)
-        load(path)
-        return path, ""
-    except CheckpointError as e:
-        why = str(e)
     root = run_dir / "checkpoints"
-    found = complete(run_dir)
-    if found:
-        if rewrite:
-            write_text_atomic(root / "latest", found[-1].name + "\n")
-        return found[-1], f"{why}; continuing from the newest complete checkpoint, {found[-1].name}"
-    if complete_names(root):
-        raise CheckpointError(f"{why}, and none of the checkpoint folders in {root} is complete; the run cannot "
-                              "continue from them (move them away to start again from step 0)")
-    return None, ""
+    pointer = root / "latest"
+    if pointer.is_symlink() or pointer.is_dir():
+        what = "a symbolic link" if pointer.is_symlink() else "a folder"
+        raise CheckpointError(f"{pointer} is {what}, not the small file naming the newest checkpoint; remove it "
+                              "to continue from the newest complete checkpoint")
+    if root.is_dir() and not root.is_symlink():
+        for p in root.iterdir():
+            if _NAME.fullmatch(p.name) and (p.is_symlink() or not p.is_dir()):
+                what = "a symbolic link" if p.is_symlink() else "not a folder"
+                raise CheckpointError(f"{p} is {what}; a run folder holds only its own checkpoint folders (remove it)")
+    names = complete_names(root)
+    if not names:
+        return None, ""
+    newest = root / names[-1]
+    try:
+        named: Path | None = latest(run_dir)
+        why = ""
+    except CheckpointError as e:
+        named, why = None, str(e)
+    try:
+        load(newest)
+    except CheckpointError as e:
+        raise CheckpointError(f"the newest checkpoint is damaged ({e}); a run never continues from an older "
+                              f"checkpoint on its own: move {newest.name} out of {root} to continue from the one "
+                              "before it") from None
+    if named == newest:
+        return newest, ""
+    why = why or f"checkpoints/latest names {named.name if named else '?'}, not the newest checkpoint"
+    if rewrite:
+        write_text_atomic(pointer, newest.name + "\n")
+    return newest, f"{why}; continuing from the newest checkpoint, {newest.name}"
 
 
 def remove_leftovers(folder: str | Path) -> list[str]:
@@ -290,13 +323,23 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> Check
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
     meta = _read_json(path / "state.json", "checkpoint state")
     _check_state(path, meta)
+    sums = meta.pop("sha256", None)
+    if isinstance(sums, dict):
+        for f, digest in sums.items():
+            if f in ("model.safetensors", "optimizer.safetensors") and _sha256(path / f) != digest:
+                raise CheckpointError(f"checkpoint {path}: {f} does not match the checksum state.json holds for it; "
+                                      "the file was changed or damaged after it was written")
     try:
         model = load_file(path / "model.safetensors", device=str(map_location))
         opt_t = load_file(path / "optimizer.safetensors", device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable: {str(e)[:200]}") from None
+    opt_meta = meta.pop("optimizer")
+    if "tensors" in opt_meta and sorted(opt_t) != opt_meta["tensors"]:
+        raise CheckpointError(f"checkpoint {path}: optimizer.safetensors holds {len(opt_t)} tensors where state.json "
+                              f"lists {len(opt_meta['tensors'])}")
     try:
-        optimizer = _unflatten_optimizer(opt_t, meta.pop("optimizer"))
+        optimizer = _unflatten_optimizer(opt_t, opt_meta)
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"checkpoint {path}: optimizer.safetensors does not match state.json") from None
     step = meta.pop("step")

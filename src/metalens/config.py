@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from metalens.errors import ConfigError, excerpt
+from metalens.files import NotRegular, read_regular
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,6 +65,7 @@ T = TypeVar("T")
 
 SECTIONS = ("task", "learner", "train", "study")
 _MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is not a config file
+_INT_LIMIT = 1 << 62  # integer options are sizes and counts: a 64-bit machine cannot hold more
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = 
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+class _TooLarge(ValueError):
+    """An integer option beyond ``2**62``."""
 
 
 class _Invalid(Exception):
@@ -149,14 +155,17 @@ def _coerce(tp: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and (value is None or (value == "null" and str not in args)):
             return None  # TOML has no null: --set accepts the bare word null
+        too_large = False
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(a, value)
+            except _TooLarge:
+                too_large = True
             except ValueError:
                 pass
-        raise ValueError
+        raise _TooLarge if too_large else ValueError
     if origin is typing.Literal:
         if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
             raise ValueError
@@ -179,9 +188,11 @@ def _coerce(tp: Any, value: Any) -> Any:
         return value
     if tp is int:
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError
+        if not -_INT_LIMIT <= value < _INT_LIMIT:
+            raise _TooLarge  # sizes and counts beyond what 64-bit tensors can hold are no option values
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -257,6 +268,8 @@ class Options:
             value = getattr(self, f.name)
             try:
                 coerced = _coerce(hints[f.name], value)
+            except _TooLarge:
+                raise ConfigError(f"{f.name} must hold integers below 2^62, got {_show(value)}") from None
             except ValueError:
                 raise ConfigError(f"{f.name} must be {_phrase(hints[f.name])}, got {_show(value)}") from None
             if coerced is not value:
@@ -374,15 +387,14 @@ def load_file(path: str | Path) -> dict[str, dict[str, Any]]:
     names (also as ``name = ...`` inside the tables). A UTF-8 byte-order mark is allowed.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a folder; give a TOML file")
     try:
-        if p.is_dir():
-            raise ConfigError(f"config file {str(p)!r} is a folder; give a TOML file")
-        with open(p, "rb") as f:
-            raw = f.read(_MAX_CONFIG_BYTES + 1)
+        raw = read_regular(p, limit=_MAX_CONFIG_BYTES, follow=True)
+    except NotRegular as e:
+        raise ConfigError(f"config file {str(p)!r} {e}; give a TOML file") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
-    if len(raw) > _MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {str(p)!r} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; it is not a config")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:

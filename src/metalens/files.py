@@ -22,9 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TMP_SUFFIX", "NotRegular", "read_regular", "write_text_atomic", "write_json_atomic", "fsync_dir"]
+__all__ = ["TMP_SUFFIX", "UMASK", "NotRegular", "read_regular", "write_text_atomic", "write_json_atomic", "fsync_dir"]
 
 TMP_SUFFIX = ".tmp"  # every temporary entry metalens writes is named ".<name>.<random>.tmp"
+UMASK = os.umask(0)  # the process's umask, read once: temporary files get the mode a plain open() would give
+os.umask(UMASK)
 
 
 class NotRegular(ValueError):
@@ -76,6 +78,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~UMASK) if hasattr(os, "fchmod") else None  # mkstemp makes 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

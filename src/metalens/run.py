@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from metalens import __version__, checkpoint, distributed, runfolder
+from metalens import __version__, checkpoint, distributed, errors, runfolder
 from metalens.config import ConfigError, from_dict, to_dict
 from metalens.episode import TaskSpec
 from metalens.errors import CheckpointError, MetalensError, NumericalError, RunFolderBusy, RunFolderError, excerpt
@@ -35,7 +35,7 @@ from metalens.learners.base import Learner
 from metalens.registry import LEARNERS, TASKS
 from metalens.rng import seeded_init
 from metalens.tasks.base import TaskFamily
-from metalens.train import TrainConfig, TrainResult, train
+from metalens.train import TrainConfig, TrainResult, check_optimizer_state, make_optimizer, train
 
 __all__ = ["RunConfig", "Run", "RunFolderError", "make_task", "make_learner", "start_run", "load_run",
            "ensure_trained", "open_run", "resume_config", "check_resumable", "check_fits"]
@@ -205,6 +205,7 @@ def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False
     # build first: an option that only the learner or family can refuse (e.g. a backbone that does not
     # fit the family's inputs) must fail before the folder is touched
     family, learner = config.build()
+    _draw_first_episode(config, family)
     error = None
     if path is not None and w.is_writer:
         try:
@@ -212,27 +213,55 @@ def start_run(config: RunConfig, out: str | Path | None, *, resume: bool = False
             with runfolder.lock(path):
                 _prepare_folder(config, learner, path, resume)
         except MetalensError as e:
+            if w.size == 1:
+                raise
             error = (type(e).__name__, str(e))
     if w.size > 1:  # rank 0 checked the folder; every rank learns the verdict
         verdict = [error]
         torch.distributed.broadcast_object_list(verdict, src=0)
         error = verdict[0]
     if error is not None:
-        raise RunFolderBusy(error[1]) if error[0] == "RunFolderBusy" else RunFolderError(error[1])
+        kind = getattr(errors, error[0], RunFolderError)
+        raise kind(error[1]) if issubclass(kind, MetalensError) and kind is not errors.Interrupted \
+            else RunFolderError(error[1])
     return Run(config, family, learner, path)
+
+
+def _draw_first_episode(config: RunConfig, family: TaskFamily) -> None:
+    """Draw step 0's training episode before anything is written: options whose tasks cannot fit in this
+    machine's memory are refused as bad input, not discovered at the first step."""
+    try:
+        family.episode(config.train.seed, 0, config.train.batch_tasks)
+    except MemoryError:
+        raise ConfigError(f"one training episode ({config.train.batch_tasks} tasks of {config.task!r} as "
+                          "configured) does not fit in this machine's memory; lower train.batch_tasks or the "
+                          "task's sizes") from None
+    except RuntimeError as e:
+        if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+            raise
+        raise ConfigError(f"one training episode ({config.train.batch_tasks} tasks of {config.task!r} as "
+                          f"configured) cannot be allocated ({errors.reason(e)}); lower train.batch_tasks or the "
+                          "task's sizes") from None
 
 
 def _precheck(path: Path, resume: bool) -> None:
     """What can be refused before the folder is locked (so that a refused command writes nothing in it)."""
-    if path.exists() and not path.is_dir():
-        raise RunFolderError(f"{path} is a file, not a run folder; choose another --out folder")
-    if resume:
-        if not (path / "config.json").exists():
-            raise RunFolderError(f"{path} is not a metalens run folder (no config.json); nothing to resume")
-    elif path.is_dir() and any(p.name != runfolder.LOCK_NAME for p in path.iterdir()):
-        what = "holds a run" if (path / "config.json").exists() else "is not empty"
-        hint = "pass --resume to continue it, or " if what == "holds a run" else ""
-        raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
+    try:
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"{path} is a file, not a run folder; choose another --out folder")
+        holder = runfolder.holder(path)
+        if holder is not None:
+            raise RunFolderBusy(f"{path} is in use by another metalens process ({holder}); wait for it to "
+                                "finish, or choose another --out folder")
+        if resume:
+            if not (path / "config.json").exists():
+                raise RunFolderError(f"{path} is not a metalens run folder (no config.json); nothing to resume")
+        elif path.is_dir() and any(p.name != runfolder.LOCK_NAME for p in path.iterdir()):
+            what = "holds a run" if (path / "config.json").exists() else "is not empty"
+            hint = "pass --resume to continue it, or " if what == "holds a run" else ""
+            raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
+    except OSError as e:  # a name too long, a parent that is a file, no permission
+        raise RunFolderError(f"cannot use {path} as a run folder: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -258,7 +287,7 @@ def _prepare_folder(config: RunConfig, learner: Learner, path: Path, resume: boo
             raise RunFolderError(f"{path} {what}; {hint}choose another --out folder")
         _write_config(path, config)
         return
-    saved = check_resumable(path, learner)
+    saved, reached = check_resumable(path, learner, config)
     new = config.train
     free = {"device": new.device, "compile": new.compile}
     # steps and the schedule may change while every step the saved run was configured for keeps its lr
@@ -271,7 +300,6 @@ def _prepare_folder(config: RunConfig, learner: Learner, path: Path, resume: boo
                "stay)")
         raise RunFolderError(f"{path} holds a run with a different configuration; a run continues as it was "
                              f"configured (only {may} may change): choose another --out folder for a new run")
-    reached = _reached(path)
     if new.steps < reached:
         raise RunFolderError(f"the run in {path} has reached step {reached}; train.steps = {new.steps} would "
                              f"go back: give --steps {reached} or more")
@@ -286,28 +314,31 @@ def _write_config(path: Path, config: RunConfig) -> None:
         raise RunFolderError(f"cannot write {path / 'config.json'}: {e.strerror or e}") from None
 
 
-def _reached(path: Path) -> int:
-    found, _ = checkpoint.recover_latest(path, rewrite=False)
-    return 0 if found is None else int(found.name[5:])
+def check_resumable(path: Path, learner: Learner, config: RunConfig | None = None) -> tuple[RunConfig, int]:
+    """Everything a resume needs, checked before anything in the folder changes; returns the saved config
+    and the step reached.
 
-
-def check_resumable(path: Path, learner: Learner) -> RunConfig:
-    """Everything a resume needs, checked before anything in the folder changes; returns the saved config.
-
-    No symbolic link inside the folder; a sound ``config.json``; the checkpoint to continue from (a
-    lost or damaged ``latest`` is recovered from the newest complete checkpoint) fits ``learner``
-    (names, shapes, dtypes), holds finite numbers and was trained with this ``config.json``.
-    Temporary entries left by a crash are removed.
+    No symbolic link inside the folder; a sound ``config.json``, ``checkpoints`` folder and ``log.jsonl``;
+    the checkpoint to continue from (see :func:`metalens.checkpoint.recover_latest`) fits ``learner``
+    (names, shapes, dtypes), holds finite numbers, was trained with this ``config.json``, and its
+    optimiser state fits the optimiser ``config`` (default: the saved one) makes. Temporary entries left
+    by a crash are removed; nothing else changes.
     """
     runfolder.check_no_links(path)
+    for name, kind in (("checkpoints", "a folder"), ("log.jsonl", "a file")):
+        p = path / name
+        if p.exists() and (p.is_dir() if kind == "a file" else not p.is_dir()):
+            raise RunFolderError(f"{p} is not {kind} as a run folder's {name} is; move it away")
     checkpoint.remove_leftovers(path)
     saved = _read_config(path)
-    found, note = checkpoint.recover_latest(path)
-    if note:
-        _warn(note)
-    if found is not None:
-        check_fits(checkpoint.load(found), learner, saved, path)
-    return saved
+    found, _ = checkpoint.recover_latest(path, rewrite=False)  # the trainer recovers, and says so
+    if found is None:
+        return saved, 0
+    ckpt = checkpoint.load(found)
+    check_fits(ckpt, learner, saved, path)
+    if learner.trainable:
+        check_optimizer_state(make_optimizer(learner, (config or saved).train), ckpt)
+    return saved, ckpt.step
 
 
 def check_fits(ckpt: checkpoint.Checkpoint, learner: Learner, config: RunConfig, path: Path,
@@ -366,6 +397,9 @@ def load_run(path: str | Path, *, task_options: dict[str, Any] | None = None,
     """
     path = Path(path)
     saved = _read_config(path)
+    if (path / "checkpoints").is_symlink():  # every file read below refuses a link itself
+        raise RunFolderError(f"{path / 'checkpoints'} is a symbolic link; a run folder holds only its own files "
+                             "(remove the link)")
     cfg = saved.updated(task=task_options, learner=learner_options)
     family, learner = cfg.build()
     found, note = checkpoint.recover_latest(path, rewrite=False)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from metalens.errors import RunFolderBusy, RunFolderError, excerpt
 
-__all__ = ["lock", "check_no_links", "make_folder", "LOCK_NAME"]
+__all__ = ["lock", "holder", "check_no_links", "make_folder", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
 
@@ -63,6 +63,27 @@ def _holder(path: Path) -> str:
     except OSError:
         text = ""
     return text.replace("\n", "; ") if text else "a process that has not written its name yet"
+
+
+def holder(folder: str | Path) -> str | None:
+    """Who holds ``folder``'s lock (pid, host, start, command), or None when no other process holds it.
+
+    Probes the lock without creating anything; this process's own locks count as free.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    if os.path.realpath(folder) in _held or path.is_symlink() or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd):
+            return None  # free (closing the descriptor releases the probe)
+        return _holder(path)
+    finally:
+        os.close(fd)
 
 
 def make_folder(folder: Path) -> bool:

@@ -37,7 +37,7 @@ from metalens.files import write_text_atomic
 from metalens.learners.base import Learner
 from metalens.tasks.base import TaskFamily
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "make_optimizer", "check_optimizer_state"]
 
 
 # The devices metalens trains on; whether one exists on this machine is checked when a run starts (check_device).
@@ -46,7 +46,7 @@ _DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")
 
 def _supported_device(device: str) -> None:
     """The declared check of ``train.device``: raise ``ValueError`` unless metalens trains on ``device``."""
-    if not _DEVICE.fullmatch(device):
+    if not _DEVICE.fullmatch(device) or len(device) > 12:
         raise ValueError("must be cpu, cuda, cuda:N (N a device index) or mps")
 
 
@@ -197,18 +197,27 @@ def _resume(run_path: Path, learner: Learner, optimizer: torch.optim.Optimizer |
     return ckpt.step
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt: checkpoint.Checkpoint) -> None:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: checkpoint.Checkpoint) -> None:
+    """Refuse a checkpoint whose optimiser state does not fit ``optimizer`` (its parameters, their shapes, and
+    a state for every parameter where a stateful optimiser has taken steps)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     saved = ckpt.optimizer
     n_saved = sum(len(g["params"]) for g in saved["param_groups"])
     shapes = [f"{i}.{k}: {list(v.shape)} vs {list(params[i].shape)}" for i, st in saved["state"].items()
               if i < len(params) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0
               and tuple(v.shape) != tuple(params[i].shape)]
-    if n_saved != len(params) or any(i >= len(params) for i in saved["state"]) or shapes:
+    stateful = isinstance(optimizer, torch.optim.Adam)
+    missing = stateful and ckpt.step > 0 and not saved["state"]
+    if n_saved != len(params) or any(i >= len(params) for i in saved["state"]) or shapes or missing:
+        why = "; ".join(shapes)[:160] or ("no optimiser state after training steps" if missing else f"{n_saved} saved")
         raise CheckpointError(f"the optimiser state in {ckpt.path} does not fit the learner's {len(params)} "
-                              f"parameters ({'; '.join(shapes)[:160] or f'{n_saved} saved'})")
+                              f"parameters ({why})")
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt: checkpoint.Checkpoint) -> None:
+    check_optimizer_state(optimizer, ckpt)
     try:
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(ckpt.optimizer)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"the optimiser state in {ckpt.path} cannot be loaded: {str(e)[:160]}") from None
 

@@ -71,6 +71,8 @@ def _mib(n: int) -> str:
 
 def open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
     """Open the zip file ``path`` for reading; a file that is not one, or a damaged one, is a :class:`DataError`."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise DataError(f"{os.fspath(path)} is not a regular file, so not a zip file; {_REDO}")
     try:
         return zipfile.ZipFile(path)
     except FileNotFoundError:

@@ -244,6 +244,8 @@ def resolve_root(root: str) -> Path:
             f"no image data at {path.resolve()} (from {how}); point the family at your data with "
             "--set task.root=/path/to/folder-or-zip, or set METALENS_DATA to a folder holding omniglot/"
             " (omniglot can also fetch the official zips with --set task.download=true)")
+    if not (path.is_dir() or path.is_file()):  # a FIFO, a device: reading it could block or never end
+        raise DataError(f"{path} is neither a folder nor a regular file; point task.root at a folder or a zip file")
     return path
 
 
@@ -273,5 +275,7 @@ def source_paths(root: Path, sources: Sequence[str]) -> list[Path]:
             have = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
             raise DataError(f"source {name!r} not found: looked for {cands[0]} and {cands[1]}; "
                             f"{root} holds {', '.join(have) or 'nothing'}")
+        if not (found.is_dir() or found.is_file()):
+            raise DataError(f"source {found} is neither a folder nor a regular file")
         out.append(found)
     return out
