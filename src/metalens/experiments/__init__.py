@@ -6,3 +6,4 @@ Importing this package registers the built-in studies in :data:`metalens.registr
 from metalens.experiments import tour  # noqa: F401  (registration)
 from metalens.experiments import sinusoid, omniglot, neural_processes  # noqa: F401
 from metalens.experiments import icl_linear, icl_phase_transition, icl_transfer  # noqa: F401
+from metalens.experiments import maml_map, first_order_bias, reptile_objective, meta_gradient_variance  # noqa: F401
