@@ -22,7 +22,9 @@ def test_list(capsys):
     for name in ("sinusoid", "gp", "linear", "clusters", "oracle", "scratch", "pretrain"):
         assert f"  {name} " in out
     code, out, _ = run(capsys, "list", "sinusoid")
-    assert code == 0 and "--set task.shots=" in out
+    assert code == 0 and "--set 'task.shots=10'  support points per task [an integer >= 1]" in out
+    code, out, _ = run(capsys, "list", "train")
+    assert code == 0 and "--set 'train.lr=0.001'" in out and "[a number > 0]" in out
 
 
 def test_train_eval_resume_end_to_end(capsys, tmp_path):
@@ -38,7 +40,8 @@ def test_train_eval_resume_end_to_end(capsys, tmp_path):
     code, out, err = run(capsys, "eval", str(out_dir), "--episodes", "20", "--json")
     assert code == 0, err
     res = json.loads(out)  # exactly one JSON object
-    assert set(res) == {"task", "learner", "episodes", "metrics", "oracle"}
+    assert set(res) == {"task", "learner", "episodes", "metrics", "oracle", "diverged", "diverged_tasks"}
+    assert res["diverged"] == 0 and res["diverged_tasks"] == []
     assert res["episodes"] == 20 and res["task"] == "sinusoid" and res["learner"] == "pretrain"
     assert set(res["metrics"]["mse"]) == {"mean", "ci95"} and res["oracle"]["mse"]["mean"] < res["metrics"]["mse"]["mean"]
 

@@ -67,26 +67,37 @@ def cli() -> None:
     """
 
 
+def _options(section: str, cls: type) -> None:
+    """Print every option of ``cls`` as the ``--set`` that sets it, its help and what it allows."""
+    from metalens.config import field_docs
+    from metalens.experiments.spine import set_arg
+
+    docs = field_docs(cls)
+    if not docs:
+        click.echo("  (no options)")
+    for field, (default, help_, allowed) in docs.items():
+        click.echo(f"  {set_arg(field, default, section)}  {help_} [{allowed}]")
+
+
 @cli.command("list")
 @click.argument("name", required=False)
 def list_cmd(name: str | None) -> None:
-    """List task families and learners, or the options of one of them (NAME)."""
-    from metalens.config import field_docs
+    """List task families and learners, or the options of one of them (NAME; `train`: the trainer's)."""
     from metalens.registry import LEARNERS, TASKS
+    from metalens.train import TrainConfig
 
+    if name == "train":
+        click.echo("train: the options of meta-training (train.* keys)")
+        _options("train", TrainConfig)
+        return
     if name is not None:
-        entries = [e for reg in (TASKS, LEARNERS) for e in reg if e.name == name]
+        entries = [("task", "task family", e) for e in TASKS if e.name == name]
+        entries += [("learner", "learner", e) for e in LEARNERS if e.name == name]
         if not entries:
             raise click.UsageError(f"unknown task family or learner {name!r}; see `metalens list`")
-        for e in entries:
-            kind = "task family" if e.name in TASKS and e in list(TASKS) else "learner"
+        for section, kind, e in entries:
             click.echo(f"{e.name} ({kind}): {e.summary}")
-            prefix = "task" if kind == "task family" else "learner"
-            docs = field_docs(e.cls.Config)
-            if not docs:
-                click.echo("  (no options)")
-            for field, (default, help_, allowed) in docs.items():
-                click.echo(f"  --set {prefix}.{field}={json.dumps(default)}  {help_} [{allowed}]")
+            _options(section, e.cls.Config)
         return
     click.echo("Task families:")
     for e in TASKS:
@@ -94,7 +105,7 @@ def list_cmd(name: str | None) -> None:
     click.echo("Learners:")
     for e in LEARNERS:
         click.echo(f"  {e.name:<14} {e.summary}")
-    click.echo("\n`metalens list NAME` shows the options of one of them.")
+    click.echo("\n`metalens list NAME` shows the options of one of them; `metalens list train` the trainer's.")
 
 
 @cli.command()
@@ -111,7 +122,7 @@ def list_cmd(name: str | None) -> None:
 @click.option("--resume", is_flag=True, help="continue the run in --out from its newest checkpoint.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="processes to train data-parallel over tasks (torch.distributed: gloo on CPU, NCCL on CUDA); "
-                   "train.batch_tasks must be divisible by it. For several nodes use torchrun (see README).")
+                   "train.batch_tasks must be divisible by it. For several nodes use torchrun (see docs/cli.md).")
 @click.option("--quiet", is_flag=True, help="no progress bar.")
 @_threads_option
 def train(task: str | None, learner: str | None, steps: int | None, seed: int | None, out: Path,
@@ -194,6 +205,34 @@ def eval_cmd(run_dir: Path, episodes: int | None, seed: int, sets: tuple[str, ..
         click.echo(json.dumps(ev.to_json()))
     else:
         click.echo(metrics_table([ev]))
+        if ev.diverged:
+            click.echo(f"diverged: {ev.diverged} of {ev.episodes} held-out tasks (non-finite predictions); the "
+                       f"metrics above are over the other {ev.scored} tasks, the oracle's on the same tasks")
+
+
+@cli.command("certify")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tasks", type=int, default=1000, show_default=True,
+              help="n: the bound rests on the run's first n meta-training tasks (their support sets).")
+@click.option("--delta", type=float, default=0.05, show_default=True,
+              help="the bound holds with probability at least 1 - delta; in (0, 1).")
+@click.option("--episodes", type=int, default=1000, show_default=True,
+              help="fresh held-out tasks the risk is measured on (evaluation seed 0).")
+@click.option("--samples", type=int, default=20000, show_default=True,
+              help="Monte Carlo weight draws for the observed tasks' empirical Gibbs risk.")
+@click.option("--clip", type=float, default=None,
+              help="regression: B, squared errors are clipped to [0, B] [default: the learner's clip, else 4].")
+@click.option("--json", "as_json", is_flag=True, help="print exactly one JSON object on stdout.")
+@_threads_option
+def certify_cmd(run_dir: Path, tasks: int, delta: float, episodes: int, samples: int, clip: float | None,
+                as_json: bool, threads: int | None) -> None:
+    """A PAC-Bayes meta-bound on a run's risk on new tasks (pacbayes; maml and protonet softened), beside the
+    risk measured on fresh tasks."""
+    from metalens.certify import certify
+
+    _set_threads(threads)
+    cert = certify(run_dir, tasks=tasks, delta=delta, episodes=episodes, samples=samples, clip=clip)
+    click.echo(json.dumps(cert.to_json()) if as_json else cert.text())
 
 
 @cli.command("tour")
@@ -239,8 +278,7 @@ def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_s
 def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_options: bool, device: str,
               quiet: bool, threads: int | None) -> None:
     """Run one of the literature's experiments (NAME) and write its report; no NAME lists them."""
-    from metalens.config import field_docs, from_dict
-    from metalens.experiments.spine import set_arg
+    from metalens.config import from_dict
     from metalens.registry import STUDIES
     from metalens.train import check_device
 
@@ -252,8 +290,7 @@ def study_cmd(name: str | None, out: Path | None, sets: tuple[str, ...], help_op
     entry = STUDIES[name]
     if help_options:
         click.echo(f"{name}: {entry.summary}")
-        for field, (default, help_, allowed) in field_docs(entry.cls.Config).items():
-            click.echo(f"  {set_arg(field, default)}  {help_} [{allowed}]")
+        _options("study", entry.cls.Config)
         return
     sec = _collect(None, sets)
     if sec["task"] or sec["learner"] or sec["train"]:

@@ -8,6 +8,13 @@ confidence interval, ``1.96 * std / sqrt(n)`` (the field's convention):
 - regression: ``mse`` of the predictive mean; ``nll`` in nats per target point
   (``-log p(y)`` summed over output dimensions) for probabilistic learners;
 - classification: ``accuracy`` and ``nll`` (cross-entropy in nats).
+
+A task on which the learner's predictions are non-finite (any of its metrics is NaN or
+infinite: e.g. an inner loop that diverged on that task) is counted as **diverged**
+(:attr:`Evaluation.diverged`, which tasks in :attr:`Evaluation.diverged_tasks`) and left
+out of the metrics, which summarise the other tasks; the oracle is summarised on the very
+same tasks. An evaluation on which every task diverged raises
+:class:`~metalens.errors.NumericalError`.
 """
 
 from __future__ import annotations
@@ -45,6 +52,14 @@ class Metric:
 
 @dataclass
 class Evaluation:
+    """What the evaluator measured on ``episodes`` held-out tasks drawn from ``seed``.
+
+    ``metrics`` / ``oracle``: mean and 95% CI over the tasks that did not diverge; ``per_task`` /
+    ``oracle_per_task``: the per-task values on those same tasks, in order (aligned, so paired
+    differences are per task); ``diverged_tasks``: a bool mask over all ``episodes`` tasks, True
+    where the learner's predictions were non-finite (None: none diverged).
+    """
+
     task: str
     learner: str
     episodes: int
@@ -53,15 +68,29 @@ class Evaluation:
     oracle: dict[str, Metric] | None
     per_task: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     oracle_per_task: dict[str, np.ndarray] | None = field(repr=False, default=None)
+    diverged_tasks: np.ndarray | None = field(repr=False, default=None)
+
+    @property
+    def diverged(self) -> int:
+        """How many of the ``episodes`` tasks diverged (non-finite predictions; left out of the metrics)."""
+        return 0 if self.diverged_tasks is None else int(self.diverged_tasks.sum())
+
+    @property
+    def scored(self) -> int:
+        """How many tasks the metrics summarise: ``episodes - diverged``."""
+        return self.episodes - self.diverged
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object printed by ``metalens eval --json``."""
+        """The JSON object printed by ``metalens eval --json`` (``diverged``: the count of tasks left out;
+        ``diverged_tasks``: their indices among the held-out tasks)."""
 
         def conv(ms: dict[str, Metric] | None) -> dict[str, dict[str, float]] | None:
             return None if ms is None else {k: {"mean": m.mean, "ci95": m.ci95} for k, m in ms.items()}
 
+        where = [] if self.diverged_tasks is None else np.flatnonzero(self.diverged_tasks).tolist()
         return {"task": self.task, "learner": self.learner, "episodes": self.episodes,
-                "metrics": conv(self.metrics), "oracle": conv(self.oracle)}
+                "metrics": conv(self.metrics), "oracle": conv(self.oracle), "diverged": self.diverged,
+                "diverged_tasks": where}
 
 
 def default_episodes(family: TaskFamily) -> int:
@@ -142,7 +171,9 @@ def evaluate(
 
     Tasks come from :meth:`TaskFamily.eval_episodes`, so the same ``seed`` gives the
     same tasks for every learner. ``batch_tasks`` only bounds memory: results do
-    not depend on it.
+    not depend on it. Tasks with non-finite predictions are counted as diverged and
+    left out of the metrics (see the module docstring); if every task diverged,
+    :class:`~metalens.errors.NumericalError`.
     """
     n = default_episodes(family) if episodes is None else episodes
     if n < 2:
@@ -157,14 +188,21 @@ def evaluate(
                              device=device, bar=bar)
         oper_np = score_tasks(oracle_fn, all_tasks, with_nll=True, batch_tasks=batch_tasks, device=device,
                               bar=bar) if oracle_fn is not None else None
-    for k, v in per_np.items():
-        if not np.isfinite(v).all():
-            raise NumericalError(f"{learner.registry_name}'s {k} is non-finite on {int((~np.isfinite(v)).sum())} of "
-                                 f"{n} held-out tasks: its predictions diverged (non-finite weights, or an inner loop "
-                                 "that diverges with these options)")
+    bad = np.zeros(n, dtype=bool)
+    for v in per_np.values():
+        bad |= ~np.isfinite(v)
+    if bad.all():
+        raise NumericalError(f"{learner.registry_name}'s predictions diverged (are non-finite) on every one of the {n} "
+                             "held-out tasks: non-finite weights, or an inner loop that diverges with these options "
+                             "(lower the inner rate or the adaptation steps, or cap the rate: "
+                             "learner.inner_lr_cap=curvature)")
+    if bad.any():  # score the tasks that did not diverge; the oracle on the very same tasks
+        keep = ~bad
+        per_np = {k: v[keep] for k, v in per_np.items()}
+        oper_np = {k: v[keep] for k, v in oper_np.items()} if oper_np is not None else None
     return Evaluation(
         task=family.registry_name, learner=learner.registry_name, episodes=n, seed=seed,
         metrics={k: summarize(v) for k, v in per_np.items()},
         oracle={k: summarize(v) for k, v in oper_np.items()} if oper_np is not None else None,
-        per_task=per_np, oracle_per_task=oper_np,
+        per_task=per_np, oracle_per_task=oper_np, diverged_tasks=bad,
     )

@@ -119,9 +119,11 @@ def metrics_table(evals: Sequence[Evaluation]) -> str:
         for k in list(e.metrics) + list(e.oracle or {}):
             if k not in names:
                 names.append(k)
-    table = Table(["learner", "task", "episodes"] + names + [f"oracle {k}" for k in names])
+    diverged = any(getattr(e, "diverged", 0) for e in evals)  # tasks left out of the metrics, if any
+    table = Table(["learner", "task", "episodes"] + (["diverged"] if diverged else []) + names
+                  + [f"oracle {k}" for k in names])
     for e in evals:
-        row = [f"`{e.learner}`", f"`{e.task}`", str(e.episodes)]
+        row = [f"`{e.learner}`", f"`{e.task}`", str(e.episodes)] + ([str(e.diverged)] if diverged else [])
         row += [fmt(e.metrics.get(k), percent=k == "accuracy") for k in names]
         row += [fmt((e.oracle or {}).get(k), percent=k == "accuracy") for k in names]
         table.rows.append(row)

@@ -345,7 +345,7 @@ def check_fits(ckpt: checkpoint.Checkpoint, learner: Learner, config: RunConfig,
                changed: list[str] | None = None) -> None:
     """Refuse a checkpoint that was not trained as ``config`` says or does not fit ``learner``."""
     trained = ckpt.state.get("run")
-    if trained is not None and trained != config.identity():
+    if trained is not None and _normalised(trained) != config.identity():
         t = trained if isinstance(trained, dict) else {}
         names = [excerpt(str((t.get(k) if isinstance(t.get(k), dict) else {}).get("name"))) for k in ("learner", "task")]
         was = f"learner {names[0]} on {names[1]}"
@@ -361,6 +361,16 @@ def check_fits(ckpt: checkpoint.Checkpoint, learner: Learner, config: RunConfig,
     if bad:
         raise NumericalError(f"the checkpoint {ckpt.path} holds non-finite weights ({', '.join(bad[:3])}); the run "
                              "diverged before it was written: use an earlier checkpoint or train again")
+
+
+def _normalised(identity: Any) -> dict[str, Any] | None:
+    """A checkpoint's training identity with every option this metalens knows filled in (options added since
+    it was written take their defaults, which leave the algorithm as it was); None if it does not resolve."""
+    try:
+        t, l_ = dict(identity["task"]), dict(identity["learner"])
+        return RunConfig.resolve(t.pop("name"), l_.pop("name"), t, l_, {}).identity()
+    except (ConfigError, KeyError, TypeError, AttributeError, ValueError):
+        return None
 
 
 def _warn(text: str) -> None:

@@ -556,3 +556,131 @@ def test_linear_model_backbone_and_registration():
     lrn = metalens.make_learner("maml", metalens.make_task("linear", dim=3), hidden=[])
     assert isinstance(lrn.net, MLP) and [k for k, _ in lrn.net.named_parameters()] == ["layers.0.weight",
                                                                                        "layers.0.bias"]
+
+
+# -- meta_batches = "independent" (Fallah et al. 2020) ----------------------------------------------------------
+def test_independent_batches_meta_gradient_against_an_autograd_reference():
+    """g_t = (I - alpha H(theta; D_h)) grad L(theta - alpha grad L(theta; S); D_o), by plain autograd per task."""
+    print(f"seed={SEED}")
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    ep = sinusoid_episode(3).to(dtype=F64)
+    lrn = metalens.make_learner("maml", fam, seed=SEED, hidden=[8], inner_lr=0.05, meta_batches="independent").double()
+    g = meta_grads(lrn, ep)
+    theta = {k: v.detach().clone().requires_grad_(True) for k, v in lrn.net.named_parameters()}
+    ref = {k: torch.zeros_like(v) for k, v in theta.items()}
+    for t in range(ep.n_tasks):
+        def loss(p, x, y):
+            return ((torch.func.functional_call(lrn.net, p, (x,)) - y) ** 2).mean()
+        gs = torch.autograd.grad(loss(theta, ep.support_x[t], ep.support_y[t]), list(theta.values()))
+        phi = {k: (v - 0.05 * gk).detach().requires_grad_(True) for (k, v), gk in zip(theta.items(), gs)}
+        qx, qy = ep.query_x[t], ep.query_y[t]
+        go = torch.autograd.grad(loss(phi, qx[0::2], qy[0::2]), list(phi.values()))  # D_o: even query points
+        gh = torch.autograd.grad(loss(theta, qx[1::2], qy[1::2]), list(theta.values()), create_graph=True)
+        hv = torch.autograd.grad(sum((a * b).sum() for a, b in zip(gh, go)), list(theta.values()))  # H_h g_o
+        for (k, _), a, b in zip(theta.items(), go, hv):
+            ref[k] += (a - 0.05 * b) / ep.n_tasks
+    for k, expected in ref.items():
+        torch.testing.assert_close(g[f"net.{k}"], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_independent_batches_under_vmap_and_loop_and_first_order():
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    ep = sinusoid_episode(3).to(dtype=F64)
+    grads = [meta_grads(metalens.make_learner("maml", fam, seed=SEED, hidden=[8], inner_steps=2, batching=b,
+                                              meta_batches="independent").double(), ep) for b in ("vmap", "loop")]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-9, atol=1e-12)
+    # FOMAML: no Hessian, so the independent estimate is the first-order one on the even query points
+    half = Episode(ep.support_x, ep.support_y, ep.query_x[:, 0::2], ep.query_y[:, 0::2])
+    fo = meta_grads(metalens.make_learner("fomaml", fam, seed=SEED, hidden=[8], meta_batches="independent").double(), ep)
+    fo_half = meta_grads(metalens.make_learner("fomaml", fam, seed=SEED, hidden=[8]).double(), half)
+    for k in fo:
+        torch.testing.assert_close(fo[k], fo_half[k], rtol=1e-12, atol=1e-14)
+    # the option leaves prediction alone, and needs two query points
+    a, b = (metalens.make_learner("maml", fam, seed=SEED, hidden=[8], meta_batches=m) for m in ("shared", "independent"))
+    with torch.no_grad():
+        torch.testing.assert_close(a.predict(ep.support_x.float(), ep.support_y.float(), ep.query_x.float()).mean,
+                                   b.predict(ep.support_x.float(), ep.support_y.float(), ep.query_x.float()).mean)
+    with pytest.raises(ValueError, match="at least 2 query points per task, got 1"):
+        b.meta_loss(sinusoid_episode(2, queries=1))
+
+
+# -- inner_lr_cap = "curvature" ---------------------------------------------------------------------------------
+def test_curvature_is_the_top_eigenvalue_of_the_support_loss_hessian_of_the_adapted_parameters():
+    fam = metalens.make_task("sinusoid", shots=5)
+    ep = sinusoid_episode(1)
+    for name in ("maml", "anil"):
+        lrn = metalens.make_learner(name, fam, seed=SEED, hidden=[6, 6]).double()
+        theta = {k: v.detach() for k, v in lrn.theta().items()}
+        names = [k for k in theta if lrn.adapted is None or k in lrn.adapted]
+        sx, sy = ep.support_x[0].double(), ep.support_y[0].double()
+
+        def f(v, theta=theta, names=names, lrn=lrn, sx=sx, sy=sy):
+            p, i = dict(theta), 0
+            for k in names:
+                p[k] = v[i: i + theta[k].numel()].view(theta[k].shape)
+                i += theta[k].numel()
+            return support_loss(lrn.net, p, sx, sy, None, classification=False)
+
+        H = torch.func.hessian(f)(torch.cat([theta[k].reshape(-1) for k in names]))
+        exact = float(torch.linalg.eigvalsh(H)[-1])
+        print(f"seed={SEED} {name}: exact {exact:.6f}, lanczos {float(lrn.curvature(theta, sx, sy, None)):.6f}")
+        assert float(lrn.curvature(theta, sx, sy, None)) == pytest.approx(exact, rel=1e-6)
+
+
+def test_the_cap_is_the_plain_inner_loop_with_rate_min_alpha_c_over_lambda():
+    fam = metalens.make_task("sinusoid", shots=5, queries=6)
+    ep = sinusoid_episode(4)
+    plain = metalens.make_learner("maml", fam, seed=SEED, hidden=[8], inner_lr=0.5, eval_inner_steps=3)
+    capped = metalens.make_learner("maml", fam, seed=SEED, hidden=[8], inner_lr=0.5, eval_inner_steps=3,
+                                   inner_lr_cap="curvature", inner_lr_cap_c=1.5)
+    theta = plain.theta()
+    with torch.no_grad():
+        out = capped.predict(ep.support_x, ep.support_y, ep.query_x).mean
+    for t in range(ep.n_tasks):
+        lam = float(plain.curvature(theta, ep.support_x[t], ep.support_y[t], None))
+        rate = min(0.5, 1.5 / lam)
+        phi = adapt(plain.net, theta, ep.support_x[t], ep.support_y[t], steps=3, step=sgd(rate), classification=False)
+        ref = torch.func.functional_call(plain.net, phi, (ep.query_x[t],))
+        torch.testing.assert_close(out[t], ref.detach(), rtol=1e-4, atol=1e-5)
+    # a cap that never binds changes nothing
+    loose = metalens.make_learner("maml", fam, seed=SEED, hidden=[8], inner_lr=0.01, eval_inner_steps=3,
+                                  inner_lr_cap="curvature", inner_lr_cap_c=1e6)
+    with torch.no_grad():
+        torch.testing.assert_close(loose.predict(ep.support_x, ep.support_y, ep.query_x).mean,
+                                   metalens.make_learner("maml", fam, seed=SEED, hidden=[8], inner_lr=0.01,
+                                                         eval_inner_steps=3).predict(
+                                       ep.support_x, ep.support_y, ep.query_x).mean)
+
+
+def test_predict_returns_non_finite_tasks_instead_of_raising_and_the_cap_keeps_them_finite():
+    fam = metalens.make_task("sinusoid")
+    ep = fam.eval_episodes(0, 20)
+    opts = {"seed": SEED, "inner_lr": 0.3}  # an untrained network at 30x the rate: some tasks diverge, not all
+    with torch.no_grad():
+        mean = metalens.make_learner("maml", fam, **opts).predict(ep.support_x, ep.support_y, ep.query_x).mean
+        finite = torch.isfinite(mean).all(-1).all(-1)
+        print(f"seed={SEED}: {int((~finite).sum())} of 20 tasks diverged")
+        assert 0 < int((~finite).sum()) < 20
+        capped = metalens.make_learner("maml", fam, inner_lr_cap="curvature", **opts).predict(
+            ep.support_x, ep.support_y, ep.query_x).mean
+    assert bool(torch.isfinite(capped).all())
+    # tasks are independent: the finite ones are those of each task predicted alone
+    with torch.no_grad():
+        one = metalens.make_learner("maml", fam, **opts).predict(ep.support_x[:1], ep.support_y[:1], ep.query_x[:1])
+    assert torch.equal(torch.isfinite(one.mean).all(), finite[0])
+
+
+@pytest.mark.parametrize("name, opts, message", [
+    ("metasgd", {"inner_lr_cap": "curvature"}, ("inner_lr_cap caps one inner rate, and Meta-SGD learns a rate per "
+                                                "parameter: leave inner_lr_cap = none")),
+    ("imaml", {"inner_lr_cap": "curvature"}, ("inner_lr_cap applies to inner_solver = gd (bb chooses its own rates, "
+                                              "at most 1/lam): set inner_solver = gd or inner_lr_cap = none")),
+    ("maml", {"inner_lr_cap": "always"}, "learner.inner_lr_cap must be one of 'none', 'curvature', got 'always'"),
+    ("maml", {"meta_batches": "split"}, "learner.meta_batches must be one of 'shared', 'independent', got 'split'"),
+    ("reptile", {"meta_batches": "independent"}, "unknown option 'learner.meta_batches' for learner 'reptile'"),
+])
+def test_new_option_errors_say_how_to_fix_them(name, opts, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        metalens.make_learner(name, metalens.make_task("sinusoid"), **opts)
+    metalens.make_learner("imaml", metalens.make_task("sinusoid"), inner_lr_cap="curvature", inner_solver="gd")

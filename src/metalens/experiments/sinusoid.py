@@ -115,13 +115,15 @@ class SinusoidGradient(Study):
                     cells[name][(K, n)] = Metric(float("nan"), float("nan"))
                     continue
                 cells[name][(K, n)], evals[name][(K, n)] = ev.metrics["mse"], ev
+                if ev.diverged:
+                    ctx.say(f"{name} K={K} steps={n}: {ev.diverged} of {ev.episodes} tasks diverged (left out)")
                 if "oracle" not in ctx.configs and name == next(iter(ctx.configs)) and ev.oracle is not None:
                     for m in (c.adapt_steps if option else (None,)):
                         cells.setdefault("oracle (exact)", {})[(K, m)] = ev.oracle["mse"]
             ctx.say(f"{name}: " + "  ".join(f"K={K}/{n}: {m.mean:.3f}" for (K, n), m in cells[name].items()))
         shown = [evals[name].get(self._final(name, c.test_shots[0])) for name in evals]
         report.evaluations += [ev for ev in shown if ev is not None]
-        self._text(ctx, report, cells)
+        self._text(ctx, report, cells, evals)
         self._checks(report, evals)
         report.data["cells"] = {n: {f"K={K},steps={s}": {"mean": m.mean, "ci95": m.ci95} for (K, s), m in v.items()}
                                 for n, v in cells.items()}
@@ -129,7 +131,8 @@ class SinusoidGradient(Study):
         report.figure(_plot_curves(ctx.figure("mse_vs_steps.png"), cells, c.test_shots, c.adapt_steps))
         report.figure(self._predictions(ctx))
 
-    def _text(self, ctx: Context, report: Report, cells: dict[str, dict[Cell, Metric]]) -> None:
+    def _text(self, ctx: Context, report: Report, cells: dict[str, dict[Cell, Metric]],
+              evals: dict[str, dict[Cell, Evaluation]]) -> None:
         c = self.effective()
         steps = {n: cfg.train.steps for n, cfg in ctx.configs.items() if LEARNERS[n].cls.trainable}
         report.text(
@@ -140,12 +143,18 @@ class SinusoidGradient(Study):
             " (the run folders under `runs/` hold each configuration); seconds spent training in this "
             f"invocation, finished runs being reused: {_listing(ctx.train_seconds, ' s')}. Each cell is the MSE "
             f"on {c.episodes} held-out tasks (evaluation seed 0, the same tasks for every learner; mean ± 95% "
-            "CI) at K support points after the given number of adaptation steps.")
+            "CI) at K support points after the given number of adaptation steps; tasks whose predictions diverged "
+            "(non-finite) are counted in the cell and left out of its MSE.")
         head = ["learner"] + [f"K={K}, {n} step{'s' * (n != 1)}" for K in c.test_shots for n in c.adapt_steps]
         table = Table(head)
-        for name, row in cells.items():
-            table.rows.append([f"`{name}`"] + [fmt(row.get((K, n), row.get((K, None))), 3)
-                                               for K in c.test_shots for n in c.adapt_steps])
+        def cell(name: str, K: int, n: int) -> str:
+            key = (K, n) if (K, n) in cells[name] else (K, None)
+            ev = evals.get(name, {}).get(key)
+            left_out = f" ({ev.diverged} of {ev.episodes} diverged)" if ev is not None and ev.diverged else ""
+            return fmt(cells[name].get(key), 3) + left_out
+
+        for name in cells:
+            table.rows.append([f"`{name}`"] + [cell(name, K, n) for K in c.test_shots for n in c.adapt_steps])
         for name, pub in PUBLISHED.items():
             table.rows.append([f"{name}, published"] + [f"{pub[n]:.2f}" if K == PUBLISHED_K and n in pub else "–"
                                                         for K in c.test_shots for n in c.adapt_steps])

@@ -52,16 +52,17 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
-from metalens.errors import NumericalError
 from metalens.functional import Params, point_losses, task_mean
 from metalens.learners.base import Learner, query_loss
 from metalens.nets import Activation, Conv4, MLP
 from metalens.registry import LEARNERS
+from metalens.theory.curvature import capped_rate, extreme_eigenvalues
 
 __all__ = [
     "StepRule", "sgd", "per_parameter_sgd", "support_loss", "support_grad", "adapt", "map_tasks", "head_names",
     "conjugate_gradient", "solve_proximal", "implicit_meta_gradient", "surrogate_loss",
-    "GradientConfig", "GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "Reptile", "IMAML",
+    "lanczos_start", "split_points", "GradientConfig", "MAMLConfig", "GradientLearner", "MAML", "FOMAML", "MetaSGD",
+    "ANIL", "Reptile", "IMAML",
 ]
 
 # (phi, grads) -> next phi, over the adapted parameters of one task.
@@ -121,6 +122,7 @@ def adapt(
     adapted: Collection[str] | None = None,
     first_order: bool = False,
     proximal: float = 0.0,
+    hessian_batch: tuple[Tensor, Tensor, Tensor | None] | None = None,
     classification: bool,
 ) -> Params:
     """The inner loop for one task: ``steps`` gradient steps on its support loss.
@@ -143,6 +145,15 @@ def adapt(
     (Reptile, iMAML: memory independent of ``steps``). The ``proximal`` term is
     iMAML's regulariser toward the starting point (Rajeswaran et al. 2019, eq. 3).
 
+    ``hessian_batch = (x [H, *x], y, mask [H] | None)``: the curvature that the meta-gradient
+    sees comes from this independent batch ``D_h`` while the steps themselves are those of the
+    support loss (Fallah, Mokhtari & Ozdaglar 2020, eq. 8: independent batches for the inner
+    step, the outer gradient and the Hessian). Each step uses the gradient
+    ``g_S(phi) + g_h(phi) - stop_grad(g_h(phi))``: its value is the support gradient ``g_S``, its
+    derivative the Hessian of the ``D_h`` loss, so one step's Jacobian is ``I - alpha H_h(phi)``
+    and back-propagating a query loss gives ``prod_i (I - alpha H_h(phi_i)) grad L_Q(phi_N)``.
+    Ignored with ``first_order`` (there is no Hessian in the meta-gradient).
+
     Returns all parameters (adapted and not) as a dict of unbatched tensors.
 
     >>> net = MLP((1,), 1, hidden=())
@@ -159,18 +170,58 @@ def adapt(
     phi = {k: params[k] for k in names}
     anchor = {k: v.detach() for k, v in phi.items()}
 
-    def inner_loss(phi: Params) -> Tensor:
-        loss = support_loss(net, {**fixed, **phi}, support_x, support_y, support_mask, classification=classification)
-        if proximal:
-            loss = loss + 0.5 * proximal * sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
+    def loss_on(x: Tensor, y: Tensor, mask: Tensor | None) -> Callable[[Params], Tensor]:
+        def loss(phi: Params) -> Tensor:
+            value = support_loss(net, {**fixed, **phi}, x, y, mask, classification=classification)
+            if proximal:
+                value = value + 0.5 * proximal * sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
+            return value
         return loss
 
+    inner_loss = loss_on(support_x, support_y, support_mask)
+    hessian_loss = loss_on(*hessian_batch) if hessian_batch is not None and not first_order else None
     for _ in range(steps):
         g = grad(inner_loss)(phi)
         if first_order:
             g = {k: v.detach() for k, v in g.items()}
+        elif hessian_loss is not None:  # value: the support gradient; derivative: the D_h Hessian
+            gh = grad(hessian_loss)(phi)
+            g = {k: g[k].detach() + (gh[k] - gh[k].detach()) for k in g}
         phi = step(phi, g)
     return {**fixed, **phi}
+
+
+def lanczos_start(like: Params) -> Params:
+    """The fixed start vector of the curvature estimates (:func:`metalens.theory.curvature.lanczos`): shaped
+    like ``like``, components ``cos(2.39996 i)`` along the flattened parameters (the golden angle: both signs in
+    every tensor, not orthogonal to an eigenvector but by accident). No random draw, so the estimate is the same
+    for every call, inside ``vmap`` too.
+
+    >>> lanczos_start({"w": torch.zeros(3)})["w"]
+    tensor([ 1.0000, -0.7374,  0.0874])
+    """
+    out, i = {}, 0
+    for k, v in like.items():
+        idx = torch.arange(i, i + v.numel(), dtype=v.dtype, device=v.device)
+        out[k] = torch.cos(2.399963229728653 * idx).reshape(v.shape)
+        i += v.numel()
+    return out
+
+
+def split_points(x: Tensor, y: Tensor, mask: Tensor | None) -> tuple[tuple[Tensor, Tensor, Tensor | None],
+                                                                      tuple[Tensor, Tensor, Tensor | None]]:
+    """Cut every task's points ``[T, P, ...]`` in two interleaved halves: even-numbered points and odd-numbered
+    ones (``P >= 2``). Interleaved rather than first / second half, so that padded points, which families put
+    last, leave real points in both halves.
+
+    >>> (a, _, _), (b, _, _) = split_points(torch.arange(5.0).view(1, 5, 1), torch.zeros(1, 5, 1), None)
+    >>> a[0, :, 0].tolist(), b[0, :, 0].tolist()
+    ([0.0, 2.0, 4.0], [1.0, 3.0])
+    """
+    if x.shape[1] < 2:
+        raise ValueError(f"splitting a task's points in two needs at least 2 points per task, got {x.shape[1]}")
+    m0, m1 = (None, None) if mask is None else (mask[:, 0::2], mask[:, 1::2])
+    return (x[:, 0::2], y[:, 0::2], m0), (x[:, 1::2], y[:, 1::2], m1)
 
 
 def map_tasks(fn: Callable[..., Any], *args: Any, batching: str) -> Any:
@@ -380,6 +431,23 @@ class GradientConfig(Options):
     eval_inner_steps: int | None = opt(10, "inner steps when predicting (evaluation); null or 0: inner_steps", ge=0)
     batching: Literal["auto", "vmap", "loop"] = opt(
         "auto", "tasks in parallel: vmap, a Python loop, or auto (vmap for mlp, loop for conv4)")
+    inner_lr_cap: Literal["none", "curvature"] = opt(
+        "none", "curvature: each task's inner rate is min(inner_lr, inner_lr_cap_c / lambda_max), lambda_max the "
+                "largest eigenvalue of its support loss's Hessian at theta (Lanczos); none: inner_lr for every task")
+    inner_lr_cap_c: float = opt(1.0, "c of inner_lr_cap = curvature (below 2: every step is stable along the top "
+                                     "eigenvector at theta)", gt=0)
+    curvature_iters: int = opt(20, "inner_lr_cap = curvature: Lanczos iterations (Hessian-vector products) per task",
+                               ge=2)
+
+
+@dataclass(frozen=True)
+class MAMLConfig(GradientConfig):
+    """Options of MAML and first-order MAML."""
+
+    meta_batches: Literal["shared", "independent"] = opt(
+        "shared", "data of each task's meta-gradient: shared (the inner step and its Hessian on the support set, "
+                  "the outer gradient on the query set) or independent (Fallah et al. 2020: the inner step on the "
+                  "support set, the outer gradient on the even-numbered query points, the Hessian on the odd ones)")
 
 
 class GradientLearner(Learner):
@@ -427,10 +495,35 @@ class GradientLearner(Learner):
         """The meta-learned initialisation, ``{name: tensor}`` of the backbone."""
         return dict(self.net.named_parameters())
 
-    def adapt_task(self, theta: Params, sx: Tensor, sy: Tensor, sm: Tensor | None, *, steps: int) -> Params:
-        """The inner loop of one task (:func:`adapt` with this learner's choices): ``sx [S, *x]`` -> parameters."""
-        return adapt(self.net, theta, sx, sy, sm, steps=steps, step=self.step_rule(), adapted=self.adapted,
-                     first_order=self.first_order, proximal=self.proximal, classification=self.spec.is_classification)
+    def adapt_task(self, theta: Params, sx: Tensor, sy: Tensor, sm: Tensor | None, *, steps: int,
+                   hessian_batch: tuple[Tensor, Tensor, Tensor | None] | None = None) -> Params:
+        """The inner loop of one task (:func:`adapt` with this learner's choices): ``sx [S, *x]`` -> parameters.
+
+        With ``inner_lr_cap = "curvature"`` the task's rate is ``min(inner_lr, c / lambda_max)``, ``lambda_max``
+        from :meth:`curvature` (held constant: no meta-gradient flows through the cap).
+        """
+        step = self.step_rule()
+        if self.config.inner_lr_cap == "curvature" and steps > 0:
+            step = sgd(capped_rate(self.config.inner_lr, self.curvature(theta, sx, sy, sm),
+                                   c=self.config.inner_lr_cap_c))
+        return adapt(self.net, theta, sx, sy, sm, steps=steps, step=step, adapted=self.adapted,
+                     first_order=self.first_order, proximal=self.proximal, hessian_batch=hessian_batch,
+                     classification=self.spec.is_classification)
+
+    def curvature(self, theta: Params, sx: Tensor, sy: Tensor, sm: Tensor | None) -> Tensor:
+        """``lambda_max``: the largest eigenvalue of the Hessian of one task's inner objective at ``theta`` (the
+        support loss, plus ``proximal`` for iMAML) with respect to the adapted parameters, by
+        ``curvature_iters`` Lanczos iterations from :func:`lanczos_start` (no graph: ``theta`` is detached)."""
+        theta = {k: v.detach() for k, v in theta.items()}
+        names = list(theta) if self.adapted is None else [k for k in theta if k in self.adapted]
+        fixed = {k: v for k, v in theta.items() if k not in names}
+        phi = {k: theta[k] for k in names}
+
+        def loss(p: Params) -> Tensor:
+            return support_loss(self.net, {**fixed, **p}, sx, sy, sm, classification=self.spec.is_classification)
+
+        _, lam_max = extreme_eigenvalues(loss, phi, lanczos_start(phi), steps=self.config.curvature_iters)
+        return (lam_max + self.proximal).detach()
 
     def adapt_tasks(self, theta: Params, support_x: Tensor, support_y: Tensor, support_mask: Tensor | None,
                     *, steps: int) -> Params:
@@ -490,23 +583,58 @@ class GradientLearner(Learner):
         """Adapt to each support set with ``eval_inner_steps`` steps, then predict the queries.
 
         Under ``torch.no_grad`` (the evaluator) no graph is kept: ``torch.func.grad``
-        still computes the inner gradients.
+        still computes the inner gradients. Tasks are independent: where the inner loop
+        diverges on a task (its rate above ``2 / lambda_max`` of that task's support loss; see
+        :mod:`metalens.theory.curvature`), that task's predictions are non-finite and the
+        others are unaffected. The evaluator counts such tasks apart
+        (:attr:`metalens.evaluate.Evaluation.diverged`); ``inner_lr_cap = "curvature"`` keeps
+        every task's rate below ``c / lambda_max``.
         """
         out = self.adapt_and_apply(self.theta(), support_x, support_y, support_mask, query_x, steps=self.eval_steps)
-        if not bool(torch.isfinite(out).all()):
-            raise NumericalError(
-                f"{self.registry_name}: the inner loop diverged on some tasks (non-finite predictions after "
-                f"{self.eval_steps} steps of rate {self.config.inner_lr}); lower inner_lr or eval_inner_steps")
         return self.output_distribution(out)
 
     def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """MAML's meta-objective: the query loss after ``inner_steps`` steps, differentiated through them.
 
-        ``L(theta) = mean_t L_Q_t(adapt(theta, S_t))`` (Finn et al. 2017, eq. 1).
+        ``L(theta) = mean_t L_Q_t(adapt(theta, S_t))`` (Finn et al. 2017, eq. 1). With
+        ``meta_batches = "independent"`` (MAML, FOMAML): :meth:`independent_meta_loss`.
         """
+        if getattr(self.config, "meta_batches", "shared") == "independent":
+            return self.independent_meta_loss(episode)
         out = self.adapt_and_apply(self.theta(), episode.support_x, episode.support_y, episode.support_mask,
                                    episode.query_x, steps=self.config.inner_steps, compiled=True)
         loss = self.outputs_loss(out, episode)
+        return loss, {"loss": float(loss.detach())}
+
+    def independent_meta_loss(self, episode: Episode) -> tuple[Tensor, dict[str, float]]:
+        """The meta-loss whose gradient uses three independent batches per task (Fallah et al. 2020, eq. 8)::
+
+            phi_t = adapt(theta, D_in)                      D_in: the support set (as at prediction time)
+            g_t   = prod_i (I - alpha H(phi_i; D_h)) grad L(phi_t; D_o)
+
+        ``D_o``: the even-numbered query points, ``D_h``: the odd-numbered ones (:func:`split_points`;
+        at least 2 query points per task). Splitting the query set keeps the inner step exactly as at
+        prediction time, on the whole support set. Each batch being independent of the others, ``g_t``
+        is unbiased for the gradient of the meta-objective with every loss an expectation over the
+        task's data (exactly, for quadratic losses; see :mod:`metalens.theory.convergence`), which the
+        shared estimator is not: its Hessian and its inner step see the same points. The logged
+        ``loss`` is the query loss on ``D_o``.
+        """
+        if episode.n_query < 2:
+            raise ValueError(f"meta_batches = independent splits each task's query set in two and needs at least 2 "
+                             f"query points per task, got {episode.n_query}")
+        (qx, qy, qm), (hx, hy, hm) = split_points(episode.query_x, episode.query_y, episode.query_mask)
+        theta = self.theta()
+
+        def one(sx: Tensor, sy: Tensor, sm: Tensor | None, hx_t: Tensor, hy_t: Tensor, hm_t: Tensor | None,
+                qx_t: Tensor) -> Tensor:
+            phi = self.adapt_task(theta, sx, sy, sm, steps=self.config.inner_steps, hessian_batch=(hx_t, hy_t, hm_t))
+            return functional_call(self.net, phi, (qx_t,))
+
+        out = map_tasks(one, episode.support_x, episode.support_y, episode.support_mask, hx, hy, hm, qx,
+                        batching=self.batching)
+        loss = query_loss(self.output_distribution(out), qy, qm, kind=self.spec.kind, mse=True)
+        loss = torch.where(torch.isfinite(out).all(), loss, torch.full_like(loss, float("nan")))
         return loss, {"loss": float(loss.detach())}
 
 
@@ -514,14 +642,14 @@ class GradientLearner(Learner):
 class MAML(GradientLearner):
     """MAML: learned initialisation, second-order meta-gradient through the inner steps (Finn et al. 2017)."""
 
-    Config = GradientConfig
+    Config = MAMLConfig
 
 
 @LEARNERS.register("fomaml")
 class FOMAML(GradientLearner):
     """First-order MAML: the inner gradients are held constant in the meta-gradient (Finn et al. 2017)."""
 
-    Config = GradientConfig
+    Config = MAMLConfig
     first_order = True
 
 
@@ -531,6 +659,12 @@ class MetaSGDConfig(GradientConfig):
 
     eval_inner_steps: int | None = opt(None, "inner steps when predicting (evaluation); null or 0: inner_steps",
                                        ge=0)
+
+    def check(self) -> None:
+        super().check()
+        if self.inner_lr_cap != "none":
+            raise ValueError("inner_lr_cap caps one inner rate, and Meta-SGD learns a rate per parameter: leave "
+                             "inner_lr_cap = none")
 
 
 @LEARNERS.register("metasgd")
@@ -632,6 +766,9 @@ class IMAMLConfig(GradientConfig):
         if not self.inner_lr * self.lam < 2:
             raise ValueError(f"inner_lr * lam must be < 2 or the inner steps diverge on the proximal term, "
                              f"got {self.inner_lr} * {self.lam}; lower inner_lr or lam")
+        if self.inner_lr_cap != "none" and self.inner_solver == "bb":
+            raise ValueError("inner_lr_cap applies to inner_solver = gd (bb chooses its own rates, at most 1/lam): "
+                             "set inner_solver = gd or inner_lr_cap = none")
 
 
 @LEARNERS.register("imaml")
