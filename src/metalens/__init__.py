@@ -14,6 +14,7 @@ from metalens.registry import LEARNERS, TASKS
 from metalens.run import Run, RunConfig, load_run, make_learner, make_task, start_run
 from metalens.tasks.base import TaskFamily
 from metalens.train import TrainConfig, train
+from metalens.model_file import load_model
 
 # the built-in task families, learners and studies register themselves on import
 from metalens import tasks as _tasks, learners as _learners, experiments as _experiments  # noqa: E402,F401  isort: skip
@@ -24,4 +25,13 @@ __all__ = [
     "evaluate", "Evaluation", "Metric", "RunConfig", "Run", "start_run", "load_run",
     "MetalensError", "ConfigError", "RunFolderError", "RunFolderBusy", "CheckpointError", "DataError", "RunFailed",
     "NumericalError", "TrainingDiverged", "Interrupted",
+    "FewShotClassifier", "FewShotRegressor", "load_model",
 ]
+
+
+def __getattr__(name: str):  # the scikit-learn estimators import scikit-learn: only when they are asked for
+    if name in ("FewShotClassifier", "FewShotRegressor"):
+        from metalens import estimators
+
+        return getattr(estimators, name)
+    raise AttributeError(f"module 'metalens' has no attribute {name!r}")

@@ -264,6 +264,53 @@ def tour_cmd(out: Path, learners: tuple[str, ...], episodes: int | None, steps_s
     Tour(config).run(out, progress=None if not quiet else False, echo=click.echo)
 
 
+@cli.command("predict")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--support", required=True, type=click.Path(path_type=Path),
+              help="the labelled examples: a folder <label>/<images>, or a CSV file (feature columns and a label or "
+                   "target column).")
+@click.option("--query", "queries", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="what to predict: a folder of images, image files (repeatable), or a CSV file of features.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the predictions to this file (atomically) instead of stdout.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True,
+              help="one row per query (csv) or one JSON object.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="an evaluation-time learner option, e.g. --set learner.eval_inner_steps=5 (repeatable).")
+@click.option("--query-batch", type=click.IntRange(min=1),
+              help="queries predicted together [default: all]; 1 predicts each on its own (see docs/use.md).")
+@_threads_option
+def predict_cmd(run: Path, support: Path, queries: tuple[Path, ...], out: Path | None, fmt: str,
+                sets: tuple[str, ...], query_batch: int | None, threads: int | None) -> None:
+    """Predict labels (or values) of queries from a labelled support set with a trained learner (RUN: a run
+    folder or a model file)."""
+    from metalens.use import predict_files, write_output
+
+    _set_threads(threads)
+    sec = _collect(None, sets)
+    if sec["task"] or sec["train"] or sec["study"]:
+        raise click.UsageError("predict --set accepts learner.* options only")
+    text, n = predict_files(run, support, queries, fmt=fmt, learner_options=sec["learner"], query_batch=query_batch)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        write_output(out, text)
+        click.echo(f"wrote {n} predictions to {out}")
+
+
+@cli.command("export")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def export_cmd(run: Path, file: Path) -> None:
+    """Write the learner of a run folder (its newest checkpoint) as one portable model file (safetensors, no
+    pickle) that `predict`, the estimators and metalens.load_model read."""
+    from metalens.model_file import export
+
+    model, size = export(run, file)
+    click.echo(f"wrote {file} ({size} bytes): {model.name}, step {model.step}; use it with: "
+               f"metalens predict {file} --support S --query Q")
+
+
 @cli.command("study")
 @click.argument("name", required=False)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),

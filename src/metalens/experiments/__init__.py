@@ -9,3 +9,4 @@ from metalens.experiments import icl_linear, icl_phase_transition, icl_transfer 
 from metalens.experiments import maml_map, first_order_bias, reptile_objective, meta_gradient_variance  # noqa: F401
 from metalens.experiments import convergence, notebook_figures, inner_loop_stability  # noqa: F401
 from metalens.experiments import pac_bayes  # noqa: F401
+from metalens.experiments import tabular  # noqa: F401

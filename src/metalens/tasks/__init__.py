@@ -6,3 +6,4 @@ from metalens.tasks import images, omniglot  # noqa: F401
 from metalens.tasks import random_mlp, projected  # noqa: F401
 
 __all__ = ["TaskFamily", "Split", "EVAL_CHUNK"]
+from metalens.tasks import table, synthetic_tables  # noqa: F401,E402  (registration)
