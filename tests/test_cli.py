@@ -98,7 +98,7 @@ def test_config_file(capsys, tmp_path):
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "train.compile=maybe"],
      "train.compile must be true or false, got 'maybe'"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set", "learner.backbone=conv5"],
-     "learner.backbone must be one of 'mlp', 'conv4', got 'conv5'"),
+     "learner.backbone must be one of 'mlp', 'conv4', 'resnet12', got 'conv5'"),
     (["train", "--task", "sinusoid", "--learner", "pretrain", "--out", "{tmp}/a", "--set",
       "learner.finetune_optimizer=rmsprop"], "learner.finetune_optimizer must be one of 'sgd', 'adam', got 'rmsprop'"),
     # refused by the learner's constructor (inputs that do not fit the backbone): still before the folder
@@ -205,3 +205,65 @@ def test_study_help_options_print_values_that_set_accepts(capsys):
     config = from_dict(STUDIES["omniglot"].cls.Config, options)  # the defaults, read back as --set reads them
     assert config == STUDIES["omniglot"].cls.Config()
     assert options["steps"]["protonet"] == 2500
+
+
+# -- image families: the effective settings before the first step, family train defaults, bad image options ------
+def _colour_data(root):
+    import numpy as np
+    from PIL import Image
+
+    for g in range(2):
+        for c in range(3):
+            d = root / f"g{g}" / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(3):
+                a = np.random.RandomState(100 * g + 10 * c + i).randint(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(a).save(d / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def _images_argv(tmp_path, out, *extra):
+    return ["train", "--task", "images", "--learner", "protonet", "--steps", "2", "--out", str(tmp_path / out),
+            "--set", f"task.root={tmp_path / 'data'}", "--set", "task.channels=3", "--set", "task.size=16",
+            "--set", "task.ways=2", "--set", "task.queries=1", "--set", "task.split=group", "--set",
+            "task.val_size=0", "--set", "task.test_size=1", "--set", "learner.channels=4", *extra]
+
+
+def test_train_prints_the_effective_settings_and_records_the_family_s_train_defaults(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("METALENS_CACHE", str(tmp_path / "cache"))
+    _colour_data(tmp_path / "data")
+    code, out, err = run(capsys, *_images_argv(tmp_path, "a", "--set", "task.augment=natural"))
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("metalens: ")]
+    assert [line.split(":")[1] for line in lines[:3]] == [" task images", " learner protonet", " train"], err
+    assert "channels=3" in lines[0] and 'augment="natural"' in lines[0] and 'backbone="auto"' in lines[1]
+    assert "batch_tasks=1 (proposed by images)" in lines[2] and "steps=2" in lines[2]
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["train"]["batch_tasks"] == 1 and cfg["task"]["augment"] == "natural"
+    # the user's setting wins, and --quiet stays quiet
+    code, out, err = run(capsys, *_images_argv(tmp_path, "b", "--set", "train.batch_tasks=2", "--quiet"))
+    assert code == 0 and err == "", err
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["batch_tasks"] == 2
+    code, out, err = run(capsys, *_images_argv(tmp_path, "c", "--set", "train.batch_tasks=2"))
+    assert code == 0 and "batch_tasks=2 " in err and "proposed by" not in err
+    # resumed: the saved settings, as they are
+    code, out, err = run(capsys, "train", "--resume", "--out", str(tmp_path / "a"), "--steps", "3")
+    assert code == 0 and "batch_tasks=1 " in err and "proposed by" not in err, err
+
+
+@pytest.mark.parametrize("setting, match", [
+    ("task.channels=2", "task.channels must be one of 1, 3, got 2"),
+    ("task.augment=strong", "task.augment must be one of 'none', 'natural', 'handwriting', got 'strong'"),
+    ("task.aug_flip=2", "task.aug_flip must be >= 0 and <= 1, got 2.0"),
+    ("task.height=0", "task.height must be >= 1, got 0"),
+    ("learner.backbone=resnet18", "learner.backbone must be one of 'auto', 'conv4', 'resnet12', 'mlp', 'identity'"),
+    ("learner.dropblock=0.1", "dropblock applies to the resnet12 backbone, not conv4"),
+])
+def test_bad_image_options_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, setting, match):
+    monkeypatch.setenv("METALENS_CACHE", str(tmp_path / "cache"))
+    _colour_data(tmp_path / "data")
+    code, out, err = run(capsys, *_images_argv(tmp_path, "a", "--set", setting))
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "a").exists()

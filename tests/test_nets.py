@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metalens.nets import MLP, Conv4, TaskBatchNorm2d
+from metalens.nets import MLP, Conv4, ResNet12, TaskBatchNorm2d, drop_block
 from metalens.rng import seeded_init
 
 SEED = 0
@@ -101,3 +101,78 @@ def test_fused_task_batchnorm_equals_primitive_ops_with_second_order_gradients()
     gp = torch.autograd.grad((plain(xt) ** 3).sum(), [xt, plain.weight, plain.bias])
     for a, b in zip(gf, gp):
         torch.testing.assert_close(a, b)
+
+
+# -- Conv-4 and ResNet-12 on colour images of any size ------------------------------------------------------
+def test_conv4_on_84x84_colour_images_has_the_1600_d_embedding():
+    net = Conv4((3, 84, 84), 0)
+    assert net.embedding_dim == 64 * 5 * 5
+    assert net(torch.zeros(1, 2, 3, 84, 84)).shape == (1, 2, 1600)
+    assert Conv4((3, 32, 48), 5, channels=4)(torch.zeros(2, 3, 3, 32, 48)).shape == (2, 3, 5)  # not square
+
+
+def test_resnet12_is_the_field_s_network_at_84x84():
+    net = ResNet12((3, 84, 84), 0)
+    assert [b.conv1.out_channels for b in net.blocks] == [64, 160, 320, 640]
+    assert net.embedding_dim == 640 * 5 * 5  # 84 -> 42 -> 21 -> 10 -> 5, flattened (MetaOptNet)
+    assert sum(p.numel() for p in net.parameters()) == 12_424_320  # convolutions without bias (12,414,848), their norms (9,472)
+    assert ResNet12((3, 84, 84), 0, pool="avg").embedding_dim == 640
+    x = torch.randn(1, 2, 3, 84, 84, generator=torch.Generator().manual_seed(SEED))
+    assert net(x).shape == (1, 2, 16000)
+
+
+def test_resnet12_block_structure_and_per_task_statistics():
+    g = torch.Generator().manual_seed(SEED)
+    net = ResNet12((3, 16, 16), 4, channels=(3, 4, 5, 6)).double()
+    x = torch.randn(3, 5, 3, 16, 16, generator=g, dtype=torch.float64)
+    batched = net(x)
+    torch.testing.assert_close(batched, torch.stack([net(x[t]) for t in range(3)]))
+    shifted = x.clone()
+    shifted[0] *= 3.0
+    torch.testing.assert_close(net(shifted)[1:], batched[1:])  # tasks never share statistics
+    # one block by hand: three conv-norm-lrelu (the last without its lrelu), the 1x1 shortcut, lrelu, max-pool
+    b = net.blocks[0]
+    z = x[0]
+    bn = torch.nn.functional.batch_norm
+    def norm(m, t): return bn(t, None, None, m.weight, m.bias, training=True, eps=m.eps)
+    a = torch.nn.functional.leaky_relu(norm(b.norm1, b.conv1(z)), 0.1)
+    a = torch.nn.functional.leaky_relu(norm(b.norm2, b.conv2(a)), 0.1)
+    a = norm(b.norm3, b.conv3(a)) + norm(b.norm_shortcut, b.shortcut(z))
+    ref = torch.nn.functional.max_pool2d(torch.nn.functional.leaky_relu(a, 0.1), 2)
+    torch.testing.assert_close(b(z, (5,)), ref)
+    assert all(m.bias is None for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_resnet12_fused_norm_and_plain_norm_agree():
+    g = torch.Generator().manual_seed(SEED)
+    with seeded_init(SEED):
+        plain = ResNet12((3, 16, 16), 3, channels=(2, 3, 4, 5)).double()
+    with seeded_init(SEED):
+        fused = ResNet12((3, 16, 16), 3, channels=(2, 3, 4, 5), fused_norm=True).double()
+    x = torch.randn(2, 4, 3, 16, 16, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), fused(x))
+
+
+def test_dropblock_only_with_a_generator_and_the_same_blocks_for_the_same_generator():
+    net = ResNet12((3, 32, 32), 0, channels=(4, 4, 4, 4), dropblock=0.3, dropblock_size=2)
+    x = torch.randn(1, 6, 3, 32, 32, generator=torch.Generator().manual_seed(SEED))
+    plain = net(x)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = net(x, torch.Generator().manual_seed(SEED))
+    b = net(x, torch.Generator().manual_seed(SEED))
+    c = net(x, torch.Generator().manual_seed(SEED + 1))
+    assert torch.equal(state, torch.get_rng_state()), "DropBlock used the global RNG"
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
+    assert torch.equal(plain, net(x)), "without a generator nothing is dropped"
+    y = drop_block(torch.ones(200, 1, 10, 10), 0.2, 3, generator=torch.Generator().manual_seed(SEED))
+    dropped = float((y == 0).float().mean())
+    assert 0.1 < dropped < 0.3, dropped  # about the rate asked for
+    assert abs(float(y.mean()) - 1.0) < 1e-5  # kept units rescaled
+
+
+def test_resnet12_shape_errors():
+    with pytest.raises(ValueError, match="backbone 'resnet12' needs image inputs"):
+        ResNet12((784,), 5)
+    with pytest.raises(ValueError, match=r"too small for 4 pooling blocks \(at least 16 pixels a side\)"):
+        ResNet12((3, 12, 12), 5)

@@ -165,6 +165,19 @@ def train(task: str | None, learner: str | None, steps: int | None, seed: int | 
                                f"of processes ({world})")
     t0 = time.perf_counter()
     with open_run(cfg, out, resume=resume) as run:
+        if not quiet and distributed.world().is_writer:  # the effective settings, once, before the first step
+            from metalens.config import to_dict
+            from metalens.run import family_train_defaults
+
+            proposed = set() if resume else set(family_train_defaults(cfg.task, cfg.task_config)) - set(sec["train"])
+
+            def shown(options: dict[str, Any], marked: frozenset[str] | set[str] = frozenset()) -> str:
+                return " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}"
+                                + (f" (proposed by {cfg.task})" if k in marked else "") for k, v in options.items())
+
+            click.echo(f"metalens: task {cfg.task}: {shown(cfg.task_options)}\n"
+                       f"metalens: learner {cfg.learner}: {shown(cfg.learner_options)}\n"
+                       f"metalens: train: {shown(to_dict(cfg.train), proposed)}", err=True)
         if nproc > 1:
             distributed.launch(nproc, train_worker, (cfg, str(out), resume, progress),
                                device=cfg.train.device, threads=torch.get_num_threads(), run_dir=out)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-__all__ = ["MLP", "Conv4", "TaskBatchNorm2d", "Activation", "ACTIVATIONS", "in_context_attention", "TransformerBlock",
-           "MultiheadAttention", "SelfAttentionBlock"]
+__all__ = ["MLP", "Conv4", "ResNet12", "ResidualBlock", "drop_block", "TaskBatchNorm2d", "Activation", "ACTIVATIONS",
+           "RESNET12_CHANNELS", "in_context_attention", "TransformerBlock", "MultiheadAttention", "SelfAttentionBlock"]
 
 Activation = Literal["relu", "tanh", "gelu", "silu"]  # the choices of every "activation" option
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -121,8 +121,10 @@ class Conv4(nn.Module):
 
     4 x [3x3 conv (``channels``, padding 1), batch norm, ReLU, 2x2 max-pool], then a
     linear head to ``out_features`` (``out_features=0``: no head, the flattened
-    embedding is the output, as for Prototypical Networks). For 28x28 inputs the
-    embedding has ``channels`` features (spatial size 28 -> 14 -> 7 -> 3 -> 1).
+    embedding is the output, as for Prototypical Networks). Inputs may have any number of
+    channels and any size of at least ``2^blocks`` pixels a side; the embedding follows the
+    input: ``channels`` features for 28x28 (spatial size 28 -> 14 -> 7 -> 3 -> 1), ``channels
+    x 5 x 5`` (1600 at the default width) for 84x84 (84 -> 42 -> 21 -> 10 -> 5).
 
     ``forward(x [..., B, C, H, W]) -> [..., B, out]``; batch norm uses per-task batch
     statistics (:class:`TaskBatchNorm2d`).
@@ -171,6 +173,139 @@ class Conv4(nn.Module):
             # relu(max-pool(z)) = max-pool(relu(z)), value and gradient (ReLU is monotone and zero where
             # a window's maximum is <= 0), with the ReLU on a quarter of the elements
             z = relu(pool(z))
+        return z.reshape(*lead, -1)
+
+
+RESNET12_CHANNELS = (64, 160, 320, 640)  # Lee et al. 2019 (MetaOptNet), Oreshkin et al. 2018 (TADAM)
+
+
+def drop_block(x: Tensor, rate: float, block_size: int, *, generator: torch.Generator) -> Tensor:
+    """DropBlock (Ghiasi, Lin & Le 2018): zero ``block_size x block_size`` squares of each feature map.
+
+    ``x [B, C, H, W]``. Block centres are drawn independently per sample and channel with
+    probability ``gamma = rate / k^2 * H W / ((H - k + 1)(W - k + 1))`` (``k = min(block_size,
+    H, W)``), so that about ``rate`` of the units are dropped; the kept units are rescaled by
+    ``numel / kept``. Every draw comes from ``generator`` (on its own device; the mask then
+    moves to ``x``'s), so the same generator state drops the same blocks.
+
+    >>> x = torch.ones(2, 3, 6, 6)
+    >>> y = drop_block(x, 0.3, 3, generator=torch.Generator().manual_seed(0))
+    >>> y.shape, bool(((y == 0) | (y > 1)).all())
+    (torch.Size([2, 3, 6, 6]), True)
+    """
+    B, C, H, W = x.shape
+    k = min(block_size, H, W)
+    gamma = rate / k ** 2 * (H * W) / ((H - k + 1) * (W - k + 1))
+    seeds = (torch.rand(B, C, H - k + 1, W - k + 1, generator=generator, device=generator.device) < gamma)
+    seeds = F.pad(seeds.to(x.dtype).to(x.device), (k - 1, k - 1, k - 1, k - 1))
+    keep = 1.0 - F.max_pool2d(seeds, k, stride=1)  # [B, C, H, W]: 0 inside any block
+    return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+
+
+class ResidualBlock(nn.Module):
+    """One ResNet-12 block: 3 x [3x3 conv, batch norm, leaky ReLU (0.1)] with a 1x1-conv shortcut, then 2x2 max-pool.
+
+    ``z -> pool(lrelu(norm3(conv3(a2)) + norm_s(conv_s(z))))``, ``a_i = lrelu(norm_i(conv_i(a_{i-1})))``, ``a_0 = z``;
+    convolutions have no bias (batch norm follows each). Called by :class:`ResNet12` on a folded
+    batch ``z [B, C, H, W]`` with the leading (task) dimensions ``lead`` that its norms keep apart.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, fused_norm: bool = False, slope: float = 0.1) -> None:
+        super().__init__()
+        self.slope = slope
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm1 = TaskBatchNorm2d(out_channels, fused=fused_norm)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = TaskBatchNorm2d(out_channels, fused=fused_norm)
+        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm3 = TaskBatchNorm2d(out_channels, fused=fused_norm)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.norm_shortcut = TaskBatchNorm2d(out_channels, fused=fused_norm)
+
+    def forward(self, z: Tensor, lead: tuple[int, ...]) -> Tensor:
+        def norm(bn: nn.Module, t: Tensor) -> Tensor:  # per-task statistics: unfold the tasks for the norm
+            return bn(t.view(*lead, *t.shape[-3:])).reshape(-1, *t.shape[-3:])
+
+        a = F.leaky_relu(norm(self.norm1, self.conv1(z)), self.slope)
+        a = F.leaky_relu(norm(self.norm2, self.conv2(a)), self.slope)
+        a = norm(self.norm3, self.conv3(a)) + norm(self.norm_shortcut, self.shortcut(z))
+        # lrelu(max-pool(a)) = max-pool(lrelu(a)), values and gradients (leaky ReLU is increasing), on a quarter
+        # of the elements
+        return F.leaky_relu(F.max_pool2d(a, 2), self.slope)
+
+
+class ResNet12(nn.Module):
+    """The ResNet-12 backbone of the few-shot literature (Oreshkin et al. 2018, TADAM; Lee et al. 2019, MetaOptNet).
+
+    ``len(channels)`` residual blocks (:class:`ResidualBlock`; four by default, 64-160-320-640
+    channels), each halving the height and width, then a linear head to ``out_features``
+    (``out_features=0``: no head, the embedding is the output). The embedding is the flattened
+    last feature map (``pool="flatten"``, as in MetaOptNet: 640 x 5 x 5 = 16000 features for
+    84x84 inputs) or its spatial mean (``pool="avg"``: ``channels[-1]`` features, as in TADAM).
+    Batch norm uses per-task batch statistics (:class:`TaskBatchNorm2d`), so the gradient
+    learners keep them in their inner loop; ``fused_norm`` as for :class:`Conv4`.
+
+    DropBlock (``dropblock`` > 0, the rate; Ghiasi et al. 2018, as MetaOptNet uses it) is
+    applied after the last two blocks, and only when ``forward`` / ``embed`` are given a
+    ``generator`` (a learner passes the one ``meta_loss`` receives, derived from (seed, step)):
+    predictions, which get none, are deterministic and use every unit.
+
+    ``forward(x [..., B, C, H, W], generator=None) -> [..., B, out]``.
+
+    >>> net = ResNet12((3, 32, 32), 5, channels=(4, 6, 8, 10))
+    >>> net(torch.zeros(2, 7, 3, 32, 32)).shape, net.embedding_dim  # 32 -> 16 -> 8 -> 4 -> 2
+    (torch.Size([2, 7, 5]), 40)
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_features: int, channels: Sequence[int] = RESNET12_CHANNELS, *,
+                 dropblock: float = 0.0, dropblock_size: int = 5, pool: Literal["flatten", "avg"] = "flatten",
+                 fused_norm: bool = False) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ValueError(f"backbone 'resnet12' needs image inputs [channels, height, width], got x_shape "
+                             f"{tuple(in_shape)}; use backbone 'mlp'")
+        if len(channels) < 1 or any(c < 1 for c in channels):
+            raise ValueError(f"resnet12 channels must be one or more widths >= 1, got {tuple(channels)}")
+        if not 0.0 <= dropblock < 1.0 or dropblock_size < 1:
+            raise ValueError(f"dropblock must be in [0, 1) and dropblock_size >= 1, got {dropblock} and "
+                             f"{dropblock_size}")
+        if pool not in ("flatten", "avg"):
+            raise ValueError(f"pool must be 'flatten' or 'avg', got {pool!r}")
+        c, h, w = in_shape
+        self.in_shape = tuple(in_shape)
+        blocks = []
+        for width in channels:
+            blocks.append(ResidualBlock(c, width, fused_norm=fused_norm))
+            c, h, w = width, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"inputs of {tuple(in_shape)} are too small for {len(channels)} pooling blocks "
+                             f"(at least {2 ** len(channels)} pixels a side)")
+        self.blocks = nn.ModuleList(blocks)
+        self.dropblock, self.dropblock_size, self.pool = dropblock, dropblock_size, pool
+        self.embedding_dim = c * h * w if pool == "flatten" else c
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features > 0 else None
+        for m in self.modules():  # as in MetaOptNet's code
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        z = self.embed(x, generator)
+        return self.head(z) if self.head is not None else z
+
+    def embed(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The embedding before the head: ``[..., B, C, H, W] -> [..., B, embedding_dim]``; DropBlock with a
+        ``generator`` (and ``dropblock > 0``) only."""
+        lead = x.shape[: x.dim() - 3]
+        if len(lead) == 0:
+            raise ValueError("ResNet12 expects [..., batch, channels, height, width]")
+        z = x.reshape(-1, *x.shape[-3:])  # fold the leading dims for the convolutions
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            z = block(z, lead)
+            if generator is not None and self.dropblock > 0 and i >= n - 2:
+                z = drop_block(z, self.dropblock, self.dropblock_size, generator=generator)
+        if self.pool == "avg":
+            z = z.mean((-2, -1))
         return z.reshape(*lead, -1)
 
 

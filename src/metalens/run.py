@@ -38,7 +38,13 @@ from metalens.tasks.base import TaskFamily
 from metalens.train import TrainConfig, TrainResult, check_optimizer_state, make_optimizer, train
 
 __all__ = ["RunConfig", "Run", "RunFolderError", "make_task", "make_learner", "start_run", "load_run",
-           "ensure_trained", "open_run", "resume_config", "check_resumable", "check_fits"]
+           "family_train_defaults", "ensure_trained", "open_run", "resume_config", "check_resumable", "check_fits"]
+
+
+def family_train_defaults(task: str, task_config: Any) -> dict[str, Any]:
+    """The trainer options family ``task`` proposes for its options ``task_config``
+    (:meth:`metalens.tasks.base.TaskFamily.train_defaults`)."""
+    return dict(TASKS[task].cls.train_defaults(task_config))
 
 
 def make_task(name: str, **options: Any) -> TaskFamily:
@@ -82,12 +88,20 @@ class RunConfig:
     def resolve(cls, task: str, learner: str, task_options: dict[str, Any] | None = None,
                 learner_options: dict[str, Any] | None = None,
                 train_options: dict[str, Any] | None = None) -> RunConfig:
-        """Validate names and options and fill in every default."""
+        """Validate names and options and fill in every default.
+
+        A trainer option the given ``train_options`` leave out takes the value the family proposes for its
+        options (:func:`family_train_defaults`, e.g. one task per step on image families), else the trainer's
+        default; one that is given always wins.
+        """
         t_cls, l_cls = TASKS[task].cls.Config, LEARNERS[learner].cls.Config
-        return cls(task, learner,
-                   from_dict(t_cls, task_options, prefix="task.", where=f"task {task!r}"),
+        task_config = from_dict(t_cls, task_options, prefix="task.", where=f"task {task!r}")
+        train: Any = train_options  # not a table: from_dict says so
+        if train_options is None or isinstance(train_options, dict):
+            train = {**family_train_defaults(task, task_config), **(train_options or {})}
+        return cls(task, learner, task_config,
                    from_dict(l_cls, learner_options, prefix="learner.", where=f"learner {learner!r}"),
-                   from_dict(TrainConfig, train_options, prefix="train.", where="train"))
+                   from_dict(TrainConfig, train, prefix="train.", where="train"))
 
     @property
     def task_options(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Bad files are generated here (nothing is downloaded); the shipped Omniglot data 
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zipfile
 import zlib
@@ -129,3 +130,87 @@ def test_physical_memory_falls_back_where_sysconf_cannot_tell(monkeypatch):
 
     monkeypatch.setattr(data_images.os, "sysconf", no_sysconf)
     assert data_images.physical_memory() == 1 << 40
+
+
+# -- colour, other sizes, other aspects, normalisation -----------------------------------------------
+def colour(w: int = 30, h: int = 20, *, seed: int = SEED, fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    """A random colour image (RGB, or RGBA with a random alpha channel)."""
+    a = np.random.RandomState(seed).randint(0, 256, (h, w, len(mode)), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a, mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_colour_images_keep_their_channels_and_grey_ones_become_three_identical_channels():
+    data = colour(24, 24)
+    x = load_image(data, channels=3, size=24)
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255
+    assert x.shape == (3, 24, 24) and torch.equal(x, torch.from_numpy(rgb))  # no resizing: the pixels, exactly
+    g = load_image(png(24, 24), channels=3, size=24)
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])  # grey: three identical channels
+    # never inverted in colour: white paper stays 1
+    assert torch.equal(g[0], 1 - load_image(png(24, 24), size=24)[0])
+
+
+def test_colour_becomes_grey_by_luminance_as_pillow_converts_it():
+    data = colour(24, 24, seed=1)
+    x = load_image(data, size=24, invert=False)
+    grey = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float32) / 255  # 0.299 R + 0.587 G + ...
+    assert x.shape == (1, 24, 24) and torch.equal(x[0], torch.from_numpy(grey))
+    c = load_image(data, channels=3, size=24)
+    lum = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+    assert float((lum - x[0]).abs().max()) <= 1 / 255 + 1e-6  # Pillow rounds to integers
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_jpeg_png_and_transparent_colour_images_decode(fmt):
+    x = load_image(colour(40, 30, fmt=fmt), channels=3, size=16)
+    assert x.shape == (3, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1
+    y = load_image(colour(40, 30, mode="RGBA"), channels=3, size=16)  # composited onto white
+    assert y.shape == (3, 16, 16) and bool(torch.isfinite(y).all())
+
+
+def test_height_width_and_fit_pad_crop_or_stretch():
+    im = Image.new("RGB", (40, 20), (255, 0, 0))  # a red 2:1 strip
+    buf = io.BytesIO(); im.save(buf, format="PNG")
+    data = buf.getvalue()
+    assert load_image(data, channels=3, height=10, width=20).shape == (3, 10, 20)
+    assert torch.equal(load_image(data, channels=3, height=10, width=20, fit="pad"),
+                       load_image(data, channels=3, height=10, width=20, fit="stretch"))  # same aspect: no padding
+    pad = load_image(data, channels=3, size=20)  # padded to a square with black: red in the middle rows only
+    assert float(pad[0, 10, 10]) == 1.0 and float(pad[0, 0, 10]) == 0.0 and float(pad[0, 19, 10]) == 0.0
+    for fit in ("crop", "stretch"):  # no padding: red everywhere
+        full = load_image(data, channels=3, size=20, fit=fit)
+        assert bool((full[0] == 1).all()) and bool((full[1:] == 0).all()), fit
+    grey = load_image(data, size=20)  # grey pads with white paper, i.e. no ink once inverted
+    assert float(grey[0, 0, 10]) == 0.0 and float(grey[0, 10, 10]) > 0.5
+
+
+def test_square_targets_decode_exactly_as_before():
+    """The general padding reduces, for a square target, to the square canvas of max(w, h) metalens always used."""
+    data = png(50, 30, seed=3)
+    im = Image.open(io.BytesIO(data)).convert("L")
+    canvas = Image.new("L", (50, 50), 255)
+    canvas.paste(im, (0, 10))
+    ref = 255 - np.asarray(canvas.resize((28, 28), resample=Image.Resampling.BOX), dtype=np.uint8)
+    assert np.array_equal(data_images.decode_u8(data, 28, "box", True), ref)
+
+
+def test_load_image_normalises_with_a_family_mean_and_std():
+    data = colour(12, 12, seed=2)
+    x = load_image(data, channels=3, size=12)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    y = load_image(data, channels=3, size=12, mean=mean, std=std)
+    torch.testing.assert_close(y, (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"channels": 2}, "channels must be 1 (grey) or 3 (colour), got 2"),
+    ({"height": 0}, "height must be >= 1, got 0"),
+    ({"fit": "zoom"}, "fit must be one of pad, crop, stretch, got 'zoom'"),
+    ({"mean": (0.5,)}, "give mean and std together"),
+    ({"mean": (0.5, 0.5), "std": (1.0, 1.0)}, "mean and std need one value per channel (1), got 2 and 2"),
+])
+def test_load_image_refuses_bad_options_saying_what_is_allowed(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_image(png(8, 8), **options)

@@ -112,7 +112,7 @@ def test_oracle_learner_needs_an_oracle():
     ("scratch", {"lr": float("nan")}, "learner.lr must be finite, got nan"),
     ("pretrain", {"finetune_steps": -1}, "learner.finetune_steps must be >= 0, got -1"),
     ("pretrain", {"finetune_lr": 0}, "learner.finetune_lr must be > 0, got 0.0"),
-    ("pretrain", {"backbone": "conv5"}, "learner.backbone must be one of 'mlp', 'conv4', got 'conv5'"),
+    ("pretrain", {"backbone": "conv5"}, "learner.backbone must be one of 'mlp', 'conv4', 'resnet12', got 'conv5'"),
     ("oracle", {"hidden": [8]}, "unknown option 'learner.hidden' for learner 'oracle'; valid options: (none)"),
 ])
 def test_options_outside_their_declared_constraint_are_refused(name, options, message):
@@ -206,3 +206,41 @@ def test_pretrain_on_omniglot_learns_features_that_transfer_to_held_out_alphabet
     acc = evaluate(five_way, test, episodes=40, seed=SEED, batch_tasks=10).metrics["accuracy"].mean
     # chance is 0.2; a linear probe on the random initial features reaches about 0.36, this budget about 0.66
     assert acc > 0.55 and acc > before + 0.2, f"seed {SEED}: accuracy {before:.3f} -> {acc:.3f}"
+
+
+# -- Conv-4 and ResNet-12 on 84x84 colour images ------------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+def test_pretrain_on_84x84_colour_images(backbone):
+    spec = metalens.TaskSpec(kind="classification", x_shape=(3, 84, 84), num_classes=2, train_classes=5)
+    opts = {"channels": 4} if backbone == "conv4" else {"resnet_channels": [4, 4, 4, 4]}
+    lrn = metalens.make_learner("pretrain", spec, seed=SEED, backbone=backbone, finetune_steps=2, **opts)
+    assert lrn.net(torch.zeros(1, 2, 3, 84, 84)).shape == (1, 2, 5)  # a classifier over the training classes
+    g = torch.Generator().manual_seed(SEED)
+    ep = Episode(torch.randn(2, 2, 3, 84, 84, generator=g), torch.tensor([[0, 1]] * 2),
+                 torch.randn(2, 2, 3, 84, 84, generator=g), torch.tensor([[0, 1]] * 2), num_classes=2,
+                 classes=torch.tensor([[4, 0], [2, 3]]))
+    loss, _ = lrn.meta_loss(ep, generator=torch.Generator().manual_seed(SEED))
+    loss.backward()
+    grads = [p.grad for p in lrn.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads), f"{backbone}, seed {SEED}"
+    with torch.no_grad():
+        d = lrn.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert d.logits.shape == (2, 2, 2) and bool(torch.isfinite(d.logits).all())
+
+
+def test_pretrain_dropblock_regularises_pretraining_only():
+    spec = metalens.TaskSpec(kind="classification", x_shape=(3, 32, 32), num_classes=2, train_classes=4)
+    opts = dict(backbone="resnet12", resnet_channels=[4, 4, 4, 4], dropblock=0.3, dropblock_size=2)
+    lrn = metalens.make_learner("pretrain", spec, seed=SEED, **opts)
+    g = torch.Generator().manual_seed(SEED)
+    ep = Episode(torch.randn(2, 4, 3, 32, 32, generator=g), torch.tensor([[0, 1, 0, 1]] * 2),
+                 torch.randn(2, 4, 3, 32, 32, generator=g), torch.tensor([[0, 1, 0, 1]] * 2), num_classes=2,
+                 classes=torch.tensor([[0, 1], [2, 3]]))
+
+    def loss(seed):
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        return float(lrn.meta_loss(ep, generator=g)[0].detach())
+
+    assert loss(SEED) == loss(SEED) and loss(SEED) != loss(SEED + 1) and loss(SEED) != loss(None), f"seed {SEED}"
+    with pytest.raises(ConfigError, match="dropblock applies to the resnet12 backbone, not conv4"):
+        metalens.make_learner("pretrain", spec, seed=SEED, backbone="conv4", dropblock=0.1)

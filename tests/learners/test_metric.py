@@ -152,7 +152,7 @@ def test_conv4_needs_images_and_metric_learners_need_classification():
         metalens.make_learner("protonet", fam, backbone="conv4")
     with pytest.raises(ValueError, match="regression"):
         metalens.make_learner("matching", metalens.make_task("sinusoid"))
-    with pytest.raises(ValueError, match="^backbone must be one of 'auto', 'conv4', 'mlp', 'identity', got 'resnet'$"):
+    with pytest.raises(ValueError, match="^backbone must be one of 'auto', 'conv4', 'resnet12', 'mlp', 'identity', got 'resnet'$"):
         ProtoNet.Config(backbone="resnet")
     for name, options, message in [
         ("protonet", {"embedding_dim": 0}, "learner.embedding_dim must be >= 1, got 0"),
@@ -210,3 +210,52 @@ def test_decision_region_figure(tmp_path):
     assert path.exists() and path.stat().st_size > 1000
     with pytest.raises(ValueError, match="2-D classification"):
         plot_decision_regions(tmp_path / "x.png", image_episode(), {"p": learner.predict})
+
+
+# -- Conv-4 and ResNet-12 on 84x84 colour images; DropBlock in meta-training only ------------------------------
+def colour_episode(n_tasks: int = 1, ways: int = 2, shots: int = 1, queries: int = 1, side: int = 84,
+                   seed: int = SEED) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return Episode(torch.randn(n_tasks, ways * shots, 3, side, side, generator=g), labels.repeat(n_tasks, shots),
+                   torch.randn(n_tasks, ways * queries, 3, side, side, generator=g), labels.repeat(n_tasks, queries),
+                   num_classes=ways)
+
+
+@pytest.mark.parametrize("name", ["protonet", "matching"])
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+def test_metric_learners_on_84x84_colour_images(name, backbone):
+    spec = TaskSpec(kind="classification", x_shape=(3, 84, 84), num_classes=2)
+    opts = {"channels": 4} if backbone == "conv4" else {"resnet_channels": [4, 4, 4, 4]}
+    lrn = metalens.make_learner(name, spec, seed=SEED, backbone=backbone, **opts)
+    assert lrn.embedding_dim == 4 * 5 * 5
+    ep = colour_episode(2)
+    with torch.no_grad():
+        d = lrn.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert d.logits.shape == (2, 2, 2) and bool(torch.isfinite(d.logits).all())
+    loss, _ = lrn.meta_loss(ep, generator=torch.Generator().manual_seed(SEED))
+    loss.backward()
+    grads = [p.grad for p in lrn.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads), f"{name}/{backbone}, seed {SEED}"
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_dropblock_changes_the_meta_loss_deterministically_and_never_the_predictions():
+    spec = TaskSpec(kind="classification", x_shape=(3, 32, 32), num_classes=3)
+    opts = dict(backbone="resnet12", resnet_channels=[4, 4, 4, 4], dropblock=0.2, dropblock_size=2)
+    lrn = metalens.make_learner("protonet", spec, seed=SEED, **opts)
+    plain = metalens.make_learner("protonet", spec, seed=SEED, **{**opts, "dropblock": 0.0})
+    ep = colour_episode(3, ways=3, shots=2, queries=2, side=32)
+
+    def loss(learner, seed):
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        return float(learner.meta_loss(ep, generator=g)[0].detach())
+
+    assert loss(lrn, SEED) == loss(lrn, SEED) and loss(lrn, SEED) != loss(lrn, SEED + 1), f"seed {SEED}"
+    assert loss(lrn, SEED) != loss(plain, SEED) and loss(lrn, None) == loss(plain, None)
+    with torch.no_grad():  # predictions: every unit, no randomness
+        a = lrn.predict(ep.support_x, ep.support_y, ep.query_x).logits
+        b = plain.predict(ep.support_x, ep.support_y, ep.query_x).logits
+    assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="dropblock applies to the resnet12 backbone, not conv4"):
+        metalens.make_learner("protonet", spec, seed=SEED, dropblock=0.1)  # auto: conv4

@@ -21,6 +21,7 @@ from PIL import Image
 import metalens
 from metalens.config import ConfigError, from_dict
 from metalens.data import images as data_images
+from metalens.data import load_image
 from metalens.errors import DataError
 from metalens.tasks.images import ImageFolder
 
@@ -199,11 +200,16 @@ def test_a_validation_split_too_small_for_a_task_is_refused_when_sampled():
 
 
 # -- options: declared constraints, rules between options ----------------------------------------------
+# the options every image family shares, with the defaults that leave every episode as it was
+IMAGE_DEFAULTS = {
+    "channels": 1, "height": None, "width": None, "normalize": None, "augment": "none", "aug_crop": "pad",
+    "aug_padding": 8, "aug_crop_scale": (0.08, 1.0), "aug_crop_ratio": (0.75, 4 / 3), "aug_flip": 0.5,
+    "aug_jitter": 0.4, "aug_rotation": 10.0, "aug_shear": 10.0, "aug_scale": (0.9, 1.1), "aug_translate": 0.1}
 def test_the_defaults_are_unchanged():
     assert dataclasses.asdict(ImageFolder.Config()) == {
         "root": "", "sources": "", "ways": 5, "shots": 1, "queries": 15, "split": "class", "split_seed": 0,
         "val_size": 0.1, "test_size": 0.2, "train_groups": "", "val_groups": "", "test_groups": "",
-        "rotations": "none", "size": 28, "resample": "box", "invert": True}
+        "rotations": "none", "size": 28, "resample": "box", "invert": True, "fit": "pad", **IMAGE_DEFAULTS}
 
 
 @pytest.mark.parametrize("options,message", [
@@ -226,5 +232,148 @@ def test_the_defaults_are_unchanged():
      "task.train_groups and val_groups are each '*'; only one split may be '*'"),
 ])
 def test_bad_options_are_config_errors_naming_the_option(options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(ImageFolder.Config, options, prefix="task.", where="task 'images'")
+
+
+# -- colour, sizes, normalisation, augmentation ---------------------------------------------------------
+def _colour_folder(root: Path, groups: int = 2, classes: int = 4, per_class: int = 6, size=(40, 32)) -> Path:
+    """``root/g<g>/c<c>/<i>.png|jpg``: random colour images (PNG and JPEG mixed), each class its own hue."""
+    for g in range(groups):
+        for c in range(classes):
+            d = root / f"g{g}" / f"c{c}"
+            d.mkdir(parents=True)
+            rs = np.random.RandomState(100 * g + c)
+            tint = rs.randint(0, 256, 3)
+            for i in range(per_class):
+                a = (0.5 * rs.randint(0, 256, (size[1], size[0], 3)) + 0.5 * tint).astype(np.uint8)
+                fmt = "JPEG" if i % 2 else "PNG"
+                Image.fromarray(a).save(d / f"{i}.{'jpg' if fmt == 'JPEG' else 'png'}", format=fmt)
+    return root
+
+
+@pytest.fixture()
+def colour_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("METALENS_CACHE", str(tmp_path / "cache"))  # never the user's home
+    return _colour_folder(tmp_path / "colour")
+
+
+def _colour_family(root: Path, **options) -> ImageFolder:
+    base = dict(root=str(root), channels=3, size=24, ways=3, shots=2, queries=2, split="group", val_size=0,
+                test_size=1)
+    return ImageFolder(ImageFolder.Config(**{**base, **options}))
+
+
+def test_colour_images_are_normalised_with_the_meta_training_statistics_in_every_split(colour_root):
+    f = _colour_family(colour_root)
+    assert f.spec.x_shape == (3, 24, 24)
+    # the reference: every meta-training image decoded by load_image, statistics in float64
+    files = sorted(p for p in colour_root.rglob("*") if p.is_file() and p.parent.parent.name in f.groups("train"))
+    train = (torch.stack([load_image(p, channels=3, size=24) for p in files]) * 255).round().double() / 255
+    mean, std = train.mean((0, 2, 3)), train.transpose(0, 1).reshape(3, -1).std(1, unbiased=False)
+    torch.testing.assert_close(torch.tensor(f.mean, dtype=torch.float64), mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(f.std, dtype=torch.float64), std, rtol=1e-9, atol=1e-12)
+    for split in ("train", "test"):  # the same statistics undo every split's normalisation to whole 1/255 steps
+        x = f.sample(4, generator=gen(SEED), split=split).query_x
+        raw = (x * torch.tensor(f.std)[:, None, None] + torch.tensor(f.mean)[:, None, None]) * 255
+        assert float((raw - raw.round()).abs().max()) < 1e-3, split
+    ep = f.sample(8, generator=gen(SEED))
+    both = torch.cat([ep.support_x, ep.query_x], 1)
+    assert abs(float(both.mean())) < 0.5 and 0.5 < float(both.std()) < 2  # roughly standardised
+    # a user's file, prepared as the family prepares an evaluation image
+    test_files = sorted(p for p in colour_root.rglob("*") if p.is_file() and p.parent.parent.name in f.groups("test"))
+    loaded = torch.stack([load_image(p, **f.image_options()) for p in test_files])
+    ev = f.sample(3, generator=gen(SEED), split="test")
+    for img in torch.cat([ev.support_x, ev.query_x], 1).flatten(0, 1):
+        assert bool((loaded - img).abs().flatten(1).max(1).values.min() == 0), "an episode image no file gives"
+
+
+def test_normalize_and_channels_options(colour_root, tmp_path):
+    off = _colour_family(colour_root, normalize=False)
+    assert off.mean is None and off.std is None
+    x = off.sample(2, generator=gen(SEED)).support_x
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    grey = _colour_family(colour_root, channels=1)  # luminance; grey is not normalised by default
+    assert grey.spec.x_shape == (1, 24, 24) and grey.mean is None
+    normed = _colour_family(colour_root, channels=1, normalize=True)
+    assert len(normed.mean) == len(normed.std) == 1
+    # grey data as colour: three identical channels, never inverted (ink is 0 on paper 1 there)
+    path, _ = _toy(tmp_path)
+    as_grey = ImageFolder(ImageFolder.Config(root=str(path), ways=3, shots=1, queries=1, split="named",
+                                             train_groups="g0", test_groups="g1"))
+    as_rgb = ImageFolder(ImageFolder.Config(root=str(path), ways=3, shots=1, queries=1, split="named",
+                                            train_groups="g0", test_groups="g1", channels=3, normalize=False))
+    a, b = as_grey.episode(SEED, 0, 2), as_rgb.episode(SEED, 0, 2)
+    assert b.support_x.shape[2] == 3 and torch.equal(b.support_x[:, :, 0], b.support_x[:, :, 2])
+    assert torch.equal(b.support_x[:, :, :1], 1 - a.support_x)  # the same images, in the same order
+
+
+def test_other_heights_and_widths(colour_root):
+    f = _colour_family(colour_root, height=20, width=30, fit="stretch")
+    ep = f.sample(2, generator=gen(SEED))
+    assert f.spec.x_shape == (3, 20, 30) and ep.support_x.shape == (2, 6, 3, 20, 30)
+    with pytest.raises(ConfigError, match=re.escape("rotations need square images, got height 20 and width 30")):
+        _colour_family(colour_root, height=20, width=30, rotations="train")
+
+
+@pytest.mark.parametrize("recipe", ["natural", "handwriting"])
+def test_augmentation_is_deterministic_in_seed_and_step_and_never_in_evaluation(colour_root, recipe):
+    plain = _colour_family(colour_root)
+    opts = {"augment": recipe, "aug_crop": "resized"} if recipe == "natural" else {"augment": recipe}
+    f = _colour_family(colour_root, **opts)
+    a, b = f.episode(SEED, 3, 4), f.episode(SEED, 3, 4)
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x), f"seed {SEED}, step 3"
+    assert not torch.equal(a.support_x, f.episode(SEED, 4, 4).support_x), f"seed {SEED}: steps 3 and 4"
+    ref = plain.episode(SEED, 3, 4)  # the same images and labels, transformed
+    assert torch.equal(a.support_y, ref.support_y) and torch.equal(a.classes, ref.classes)
+    assert not torch.equal(a.support_x, ref.support_x)
+    for split in ("val", "test"):  # evaluation: never augmented
+        if split == "val" and not f.classes("val"):
+            continue
+        e1, e2 = f.eval_episodes(SEED, 5, split=split), plain.eval_episodes(SEED, 5, split=split)
+        assert torch.equal(e1.support_x, e2.support_x) and torch.equal(e1.query_x, e2.query_x), split
+    assert plain.mean == f.mean  # statistics of the unaugmented meta-training images
+
+
+def test_augment_none_draws_nothing_more(colour_root):
+    """The default leaves episodes bit for bit as they were: the generator is left where it was without augmentation."""
+    f = _colour_family(colour_root)
+    g1, g2 = gen(SEED), gen(SEED)
+    f.sample(2, generator=g1)
+    _colour_family(colour_root, aug_flip=0.9, aug_jitter=0.1).sample(2, generator=g2)  # strengths alone: no effect
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_image_families_propose_one_task_per_step_and_the_user_wins(colour_root):
+    from metalens.run import RunConfig
+
+    assert ImageFolder.train_defaults(ImageFolder.Config()) == {"batch_tasks": 1}
+    opts = {"root": str(colour_root), "channels": 3, "size": 24, "ways": 3, "split": "group", "test_size": 1,
+            "val_size": 0}
+    assert RunConfig.resolve("images", "protonet", opts).train.batch_tasks == 1
+    assert RunConfig.resolve("images", "protonet", opts, {}, {"batch_tasks": 25}).train.batch_tasks == 25
+    assert RunConfig.resolve("sinusoid", "maml").train.batch_tasks == 25  # families without a proposal: unchanged
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"channels": 2}, "task.channels must be one of 1, 3, got 2"),
+    ({"height": 0}, "task.height must be >= 1, got 0"),
+    ({"width": 2.5}, "task.width must be an integer (or null), got 2.5"),
+    ({"normalize": "yes"}, "task.normalize must be true or false (or null), got 'yes'"),
+    ({"augment": "strong"}, "task.augment must be one of 'none', 'natural', 'handwriting', got 'strong'"),
+    ({"aug_crop": "center"}, "task.aug_crop must be one of 'pad', 'resized', 'none', got 'center'"),
+    ({"aug_padding": 0}, "task.aug_padding must be >= 1, got 0"),
+    ({"aug_crop_scale": [0.5, 0.1]}, "task.aug_crop_scale must be (low, high) with low <= high, got (0.5, 0.1)"),
+    ({"aug_crop_scale": [0.5, 1.5]}, "task.aug_crop_scale values must be > 0 and <= 1, got (0.5, 1.5)"),
+    ({"aug_flip": 1.5}, "task.aug_flip must be >= 0 and <= 1, got 1.5"),
+    ({"aug_jitter": -0.1}, "task.aug_jitter must be >= 0 and <= 1, got -0.1"),
+    ({"aug_rotation": 200}, "task.aug_rotation must be >= 0 and <= 180, got 200.0"),
+    ({"aug_shear": 90}, "task.aug_shear must be >= 0 and < 90, got 90.0"),
+    ({"aug_scale": [0, 1]}, "task.aug_scale values must be > 0, got (0.0, 1.0)"),
+    ({"aug_translate": 2}, "task.aug_translate must be >= 0 and <= 1, got 2.0"),
+    ({"fit": "zoom"}, "task.fit must be one of 'pad', 'crop', 'stretch', got 'zoom'"),
+    ({"height": 20, "rotations": "all"}, "rotations need square images, got height 20 and width 28"),
+])
+def test_bad_image_options_are_config_errors_naming_the_option(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict(ImageFolder.Config, options, prefix="task.", where="task 'images'")

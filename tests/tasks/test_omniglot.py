@@ -97,7 +97,9 @@ def test_omniglot_downloads_only_when_asked(tmp_path, monkeypatch):
     other = tmp_path / "other"
     monkeypatch.setattr(omniglot_module, "OMNIGLOT_URL", DATA.as_uri())
     f = Omniglot(Omniglot.Config(root=str(other), download=True))
-    assert sorted(p.name for p in other.iterdir()) == ["images_background_small1.zip", "images_background_small2.zip"]
+    # the zips, and the decoded images' disk cache beside them (metalens.data.cache)
+    assert sorted(p.name for p in other.iterdir()) == [".metalens-cache", "images_background_small1.zip",
+                                                       "images_background_small2.zip"]
     assert len(f.classes("test")) == 106
 
 
@@ -130,7 +132,10 @@ def test_a_zip_with_the_wrong_checksum_is_not_used(tmp_path):
 def test_the_defaults_are_unchanged():
     assert dataclasses.asdict(Omniglot.Config()) == {
         "root": "", "protocol": "small", "ways": 5, "shots": 1, "queries": 15, "rotations": "train",
-        "split_seed": 0, "download": False}
+        "split_seed": 0, "download": False, "size": 28, "channels": 1, "height": None, "width": None,
+        "normalize": None, "augment": "none", "aug_crop": "pad", "aug_padding": 8, "aug_crop_scale": (0.08, 1.0),
+        "aug_crop_ratio": (0.75, 4 / 3), "aug_flip": 0.5, "aug_jitter": 0.4, "aug_rotation": 10.0,
+        "aug_shear": 10.0, "aug_scale": (0.9, 1.1), "aug_translate": 0.1}
 
 
 @pytest.mark.parametrize("options,message", [
@@ -145,3 +150,28 @@ def test_the_defaults_are_unchanged():
 def test_bad_options_are_config_errors_naming_the_option(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict(Omniglot.Config, options, prefix="task.", where="task 'omniglot'")
+
+
+# -- the image options: size, channels, handwriting augmentation ---------------------------------------------
+def test_omniglot_at_another_size_and_in_three_channels(monkeypatch, tmp_path):
+    monkeypatch.setenv("METALENS_CACHE", str(tmp_path / "cache"))
+    f = omniglot(size=32, channels=3, normalize=False, rotations="none")
+    ep = f.sample(2, generator=gen(SEED), split="test")
+    assert f.spec.x_shape == (3, 32, 32) and ep.support_x.shape == (2, 5, 3, 32, 32)
+    assert torch.equal(ep.support_x[:, :, 0], ep.support_x[:, :, 1])  # grey: three identical channels
+    assert float(ep.support_x.mean()) > 0.7, "colour is never inverted: white paper, dark strokes"
+    assert f.image_options()["channels"] == 3 and f.image_options()["invert"] is True  # invert applies to grey only
+
+
+def test_omniglot_handwriting_augmentation_in_meta_training_only():
+    plain, f = omniglot(), omniglot(augment="handwriting", aug_rotation=15.0)
+    a, b = f.episode(SEED, 0, 3), f.episode(SEED, 0, 3)
+    assert torch.equal(a.support_x, b.support_x), f"seed {SEED}: the same step gave other images"
+    ref = plain.episode(SEED, 0, 3)
+    assert torch.equal(a.classes, ref.classes) and torch.equal(a.query_y, ref.query_y)
+    assert not torch.equal(a.support_x, ref.support_x)
+    assert float(a.support_x.min()) >= 0 and float(a.support_x.max()) <= 1 + 1e-6  # ink stays in [0, 1]
+    assert abs(float(a.support_x.mean()) - float(ref.support_x.mean())) < 0.05  # about as much ink
+    e1, e2 = f.eval_episodes(SEED, 10), plain.eval_episodes(SEED, 10)
+    assert torch.equal(e1.query_x, e2.query_x), "evaluation tasks must not be augmented"
+    assert f.mean is None  # grey: not normalised by default, ink stays 1 on 0

@@ -1,5 +1,5 @@
-"""Data handling with no learner and no family: decoding images, safe archives, checksummed downloads,
-reading image sources.
+"""Data handling with no learner and no family: decoding images (grey or colour, any size), safe archives,
+checksummed downloads, reading image sources, their memory-mapped disk cache, and train-time augmentation.
 
 Every problem with the data (a file that is not an image, a damaged or forged archive, a
 decompression bomb, a symbolic link inside a data folder, images that cannot fit in
@@ -9,11 +9,12 @@ and says what to do.
 
 from metalens.data.archives import (UnsafeArchiveError, check_archive, download, extract_zip, md5sum, open_zip,
                                     read_member)
-from metalens.data.images import IMAGE_SUFFIXES, MAX_PIXELS, RESAMPLE, load_image
-from metalens.data.sources import ImageSet, count_images, default_root, read_images, resolve_root, source_paths
+from metalens.data.images import CHANNELS, FITS, IMAGE_SUFFIXES, MAX_PIXELS, RESAMPLE, load_image, normalize
+from metalens.data.sources import (ImageSet, count_images, default_root, read_images, resolve_root, save_cache,
+                                   source_paths)
 
 __all__ = [
-    "load_image", "IMAGE_SUFFIXES", "RESAMPLE", "MAX_PIXELS",
+    "load_image", "normalize", "IMAGE_SUFFIXES", "RESAMPLE", "FITS", "CHANNELS", "MAX_PIXELS",
     "UnsafeArchiveError", "check_archive", "open_zip", "read_member", "extract_zip", "md5sum", "download",
-    "ImageSet", "read_images", "count_images", "default_root", "resolve_root", "source_paths",
+    "ImageSet", "read_images", "save_cache", "count_images", "default_root", "resolve_root", "source_paths",
 ]

@@ -22,9 +22,10 @@ linked image file, is refused with a :class:`~metalens.errors.DataError` naming 
 
 Performance. Every source is decoded once into a ``uint8`` tensor, cached in memory per
 path, size, modification time and options, so that building many families on the same
-data decodes it once and sampling an episode is pure indexing. Before decoding, the
-memory the decoded images need is checked against the machine's
-(:func:`~metalens.data.images.check_fits`).
+data decodes it once and sampling an episode is pure indexing; and on disk, as a
+memory-mapped NumPy array beside the data (:mod:`metalens.data.cache`), so that a later
+process maps it instead of decoding. Before decoding, the memory the decoded images need
+is checked against the machine's (:func:`~metalens.data.images.check_fits`).
 """
 
 from __future__ import annotations
@@ -35,27 +36,32 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from metalens.data import cache as disk
 from metalens.data.archives import check_archive, open_zip, read_member
-from metalens.data.images import IMAGE_SUFFIXES, MAX_FILE_BYTES, check_fits, decode_u8, read_file
+from metalens.data.images import CHANNELS, FITS, IMAGE_SUFFIXES, MAX_FILE_BYTES, RESAMPLE, check_fits, decode_u8, \
+    image_shape, read_file
 from metalens.errors import DataError
 
-__all__ = ["ImageSet", "read_images", "count_images", "default_root", "resolve_root", "source_paths"]
+__all__ = ["ImageSet", "read_images", "save_cache", "count_images", "default_root", "resolve_root", "source_paths"]
 
 
 @dataclass(frozen=True)
 class ImageSet:
     """The decoded images of one source.
 
-    ``classes``: class keys ``"<group>/<class>"``, sorted; ``images``: ``uint8 [n, size, size]``
-    with ink high; ``labels``: ``int64 [n]``, the index in ``classes`` of each image;
-    ``files``: where each image came from (member or relative path). Images are in the
-    order of (class key, file name). Treat the tensors as read-only: they are shared.
+    ``classes``: class keys ``"<group>/<class>"``, sorted; ``images``: ``uint8 [n, H, W]`` (grey,
+    ink high unless not inverted) or ``uint8 [n, 3, H, W]`` (colour); ``labels``: ``int64 [n]``,
+    the index in ``classes`` of each image; ``files``: where each image came from (member or
+    relative path). Images are in the order of (class key, file name). Treat the tensors as
+    read-only: they are shared (and may map a file of the disk cache). ``cache``: how the
+    set is known to the disk cache (None: not cached); ``cached``: the array it was mapped
+    from ('' if it was decoded).
     """
 
     name: str
@@ -63,6 +69,8 @@ class ImageSet:
     images: Tensor = field(repr=False)
     labels: Tensor = field(repr=False)
     files: tuple[str, ...] = field(repr=False)
+    cache: disk.CacheEntry | None = field(default=None, repr=False, compare=False)
+    cached: str = field(default="", repr=False, compare=False)
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -159,18 +167,30 @@ def _stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def read_images(path: str | os.PathLike, *, size: int = 28, resample: str = "box", invert: bool = True) -> ImageSet:
+def read_images(path: str | os.PathLike, *, size: int = 28, resample: str = "box", invert: bool = True,
+                channels: int = 1, height: int | None = None, width: int | None = None, fit: str = "pad",
+                cache: Literal["use", "read", "off"] = "use") -> ImageSet:
     """Decode every image of one source, a zip file or a folder, laid out as ``<group>/<class>/*``.
 
+    Images are decoded by :func:`~metalens.data.images.decode_u8` with the options given
+    (``channels``, ``size`` or ``height`` and ``width``, ``fit``, ``resample``, ``invert``).
     Cached in memory per (path, size, modification time, options): building many families on
-    the same data decodes it once. Every problem with the data is a
-    :class:`~metalens.errors.DataError` naming the file (and the member, in a zip): a
-    missing path, a file that is not a zip, an unsafe or damaged archive
-    (:class:`~metalens.data.archives.UnsafeArchiveError` for a member that could escape
-    its folder), a symbolic link inside a folder, an image outside a class folder, a file
-    that is not an image or is damaged, a decompression bomb, more images than the memory
-    holds at ``size``.
+    the same data decodes it once. With ``cache="use"`` a copy decoded by an earlier process is
+    mapped from the disk cache (:mod:`metalens.data.cache`), and a source decoded here is
+    written to it; ``"read"`` only maps (write it later with :func:`save_cache`, as the
+    families do once the data has passed their checks); ``"off"`` neither. Every problem with
+    the data is a :class:`~metalens.errors.DataError` naming the file (and the member, in a
+    zip): a missing path, a file that is not a zip, an unsafe or damaged archive
+    (:class:`~metalens.data.archives.UnsafeArchiveError` for a member that could escape its
+    folder), a symbolic link inside a folder, an image outside a class folder, a file that is
+    not an image or is damaged, a decompression bomb, more images than the memory holds at
+    ``size``.
     """
+    if cache not in ("use", "read", "off"):
+        raise ValueError(f"cache must be 'use', 'read' or 'off', got {cache!r}")
+    if channels not in CHANNELS or fit not in FITS or resample not in RESAMPLE:
+        raise ValueError(f"channels must be one of {CHANNELS}, fit one of {FITS} and resample one of "
+                         f"{tuple(RESAMPLE)}; got {channels!r}, {fit!r} and {resample!r}")
     path = Path(path).resolve()
     if path.is_file():
         stamp: Any = _stamp(path)
@@ -178,12 +198,50 @@ def read_images(path: str | os.PathLike, *, size: int = 28, resample: str = "box
         stamp = tuple((f, *_stamp(path / f)) for f in _folder_images(path))
     else:
         raise DataError(f"no such file or folder: {path}")
-    return _read_images_cached(str(path), stamp, size, resample, invert)
+    h, w = image_shape(size, height, width)
+    out = _read_images_cached(str(path), stamp, h, w, channels, resample, invert, fit, cache != "off")
+    if cache == "use":
+        save_cache(out)
+    return out
+
+
+def save_cache(images: ImageSet) -> Path | None:
+    """Write a decoded source to the disk cache (:mod:`metalens.data.cache`) unless it is there already.
+
+    Returns where the array is (None: caching is off for this set, or no cache folder can be written).
+    """
+    entry = images.cache
+    if entry is None:
+        return None
+    source = Path(entry.source)
+    if images.cached or disk.exists(source, entry):
+        return Path(images.cached) if images.cached else None
+    counts = torch.bincount(images.labels, minlength=len(images.classes)).tolist()
+    return disk.save(source, entry, images.images.numpy(), {"classes": list(images.classes), "counts": counts,
+                                                             "files": list(images.files), "name": images.name})
 
 
 @functools.lru_cache(maxsize=16)
-def _read_images_cached(path_str: str, stamp: Any, size: int, resample: str, invert: bool) -> ImageSet:
+def _read_images_cached(path_str: str, stamp: Any, height: int, width: int, channels: int, resample: str,
+                        invert: bool, fit: str, use_disk: bool) -> ImageSet:
     path = Path(path_str)
+    options = {"height": height, "width": width, "channels": channels, "resample": resample, "invert": invert,
+               "fit": fit}
+    entry = disk.CacheEntry(disk.cache_key(path, stamp, options), path_str, options) if use_disk else None
+    if entry is not None:
+        found = disk.load(path, entry)
+        if found is not None:
+            array, meta = found
+            counts = torch.tensor(meta["counts"], dtype=torch.int64)
+            return ImageSet(str(meta["name"]), tuple(meta["classes"]), torch.from_numpy(array),
+                            torch.repeat_interleave(torch.arange(len(counts)), counts), tuple(meta["files"]),
+                            entry, str(getattr(array, "filename", "") or "mapped"))
+
+    def decode(data: bytes, where: str) -> np.ndarray:
+        return decode_u8(data, height, resample, invert, where=where, channels=channels, height=height, width=width,
+                         fit=fit)
+
+    shape = (channels, height, width) if channels != 1 else (height, width)
     if path.is_file():
         if path.suffix.lower() != ".zip" and not zipfile.is_zipfile(path):
             raise DataError(f"{path} is neither a folder nor a zip file; give a folder of <group>/<class>/ "
@@ -195,9 +253,9 @@ def _read_images_cached(path_str: str, stamp: Any, size: int, resample: str, inv
 
             def decode_member(info: zipfile.ZipInfo) -> np.ndarray:
                 data = read_member(z, info, limit=MAX_FILE_BYTES, where=str(path))
-                return decode_u8(data, size, resample, invert, where=f"{info.filename!r} in {path}")
+                return decode(data, f"{info.filename!r} in {path}")
 
-            images = _decode_all(path, size, len(members), map(decode_member, (info for _, info in members)))
+            images = _decode_all(path, shape, len(members), map(decode_member, (info for _, info in members)))
         name = path.stem
     else:
         entries = sorted((k, rel) for rel, *_ in stamp if (k := _key_of(rel, str(path))) is not None)
@@ -205,23 +263,24 @@ def _read_images_cached(path_str: str, stamp: Any, size: int, resample: str, inv
 
         def decode_file(rel: str) -> np.ndarray:
             where = _shown(path / rel)
-            return decode_u8(read_file(path / rel, follow=False, where=where), size, resample, invert, where=where)
+            return decode(read_file(path / rel, follow=False, where=where), where)
 
-        images = _decode_all(path, size, len(files), map(decode_file, files))
+        images = _decode_all(path, shape, len(files), map(decode_file, files))
         name = path.name
     classes = tuple(sorted(set(keys)))
     index = {k: i for i, k in enumerate(classes)}
     labels = torch.tensor([index[k] for k in keys], dtype=torch.int64)
-    return ImageSet(name, classes, torch.from_numpy(images), labels, tuple(files))
+    return ImageSet(name, classes, torch.from_numpy(images), labels, tuple(files), entry)
 
 
-def _decode_all(path: Path, size: int, n: int, decoded: Iterator[np.ndarray]) -> np.ndarray:
-    """``uint8 [n, size, size]`` from an iterator of ``n`` decoded images, after checking that they fit."""
+def _decode_all(path: Path, shape: tuple[int, ...], n: int, decoded: Iterator[np.ndarray]) -> np.ndarray:
+    """``uint8 [n, *shape]`` from an iterator of ``n`` decoded images, after checking that they fit."""
     if n == 0:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {path}; the layout is "
                         "<group>/<class>/*.png")
-    check_fits(n, size, where=str(path))
-    images = np.empty((n, size, size), dtype=np.uint8)
+    check_fits(n, shape[-2], where=str(path), channels=shape[0] if len(shape) == 3 else 1, height=shape[-2],
+               width=shape[-1])
+    images = np.empty((n, *shape), dtype=np.uint8)
     for i, a in enumerate(decoded):
         images[i] = a
     return images

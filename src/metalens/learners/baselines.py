@@ -6,7 +6,8 @@
 - ``pretrain``: one network trained on all tasks pooled (support and query points
   of every training task, as one regression or classification problem), then
   fine-tuned on each support set at prediction time ("pre-training + fine-tuning",
-  the pretrained baseline of Finn et al. 2017).
+  the pretrained baseline of Finn et al. 2017); an MLP, Conv-4 or ResNet-12 (with optional
+  DropBlock in pre-training, as in Tian et al. 2020's recipe).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.functional import fit_per_task, point_losses, task_apply
 from metalens.learners.base import Learner, masked_mean
-from metalens.nets import Activation, Conv4, MLP
+from metalens.nets import RESNET12_CHANNELS, Activation, Conv4, MLP, ResNet12
 from metalens.registry import LEARNERS
 
 __all__ = ["Oracle", "Scratch", "Pretrain"]
@@ -104,9 +105,15 @@ class Pretrain(Learner):
 
         hidden: tuple[int, ...] = opt((40, 40), "mlp: hidden layer widths", ge=1, min_len=1)
         activation: Activation = opt("relu", "mlp: activation")
-        backbone: Literal["mlp", "conv4"] = opt(
-            "mlp", "network: mlp (on the flattened input) or conv4 (image inputs; Conv-4 with a linear head)")
+        backbone: Literal["mlp", "conv4", "resnet12"] = opt(
+            "mlp", "network: mlp (on the flattened input), conv4 or resnet12 (image inputs; with a linear head)")
         channels: int = opt(64, "conv4: channels of every convolution", ge=1)
+        resnet_channels: tuple[int, ...] = opt(RESNET12_CHANNELS, "resnet12: channels of each residual block (one "
+                                                                  "block per entry, each halving the image)",
+                                               ge=1, min_len=1)
+        dropblock: float = opt(0.0, "resnet12: DropBlock rate after its last two blocks in pre-training (0: off)",
+                               ge=0, lt=1)
+        dropblock_size: int = opt(5, "resnet12: side of the blocks DropBlock drops", ge=1)
         finetune_steps: int = opt(10, "steps on each task's support set at prediction time (0: none; with "
                                       "global classes the fresh head then stays at zero, i.e. chance)", ge=0)
         finetune_lr: float = opt(0.01, "learning rate of the fine-tuning steps", gt=0)
@@ -117,9 +124,15 @@ class Pretrain(Learner):
         c = self.config
         self.global_classes = spec.is_classification and spec.train_classes is not None
         out = spec.train_classes if self.global_classes else self.out_features
+        if c.dropblock > 0 and c.backbone != "resnet12":
+            raise ValueError(f"dropblock applies to the resnet12 backbone, not {c.backbone}; set learner.backbone = "
+                             "resnet12 or learner.dropblock = 0")
+        # the fused batch-norm kernel is exact outside vmap, which is where the global-class model runs
         if c.backbone == "conv4":
-            # the fused batch-norm kernel is exact outside vmap, which is where the global-class model runs
             self.net: nn.Module = Conv4(spec.x_shape, out, channels=c.channels, fused_norm=self.global_classes)
+        elif c.backbone == "resnet12":
+            self.net = ResNet12(spec.x_shape, out, c.resnet_channels, dropblock=c.dropblock,
+                                dropblock_size=c.dropblock_size, fused_norm=self.global_classes)
         else:
             self.net = MLP(spec.x_shape, out, c.hidden, c.activation)
 
@@ -165,6 +178,8 @@ class Pretrain(Learner):
                 raise ValueError(f"episode holds class id {int(episode.classes.max())}, outside the family's "
                                  f"{self.spec.train_classes} training classes")
             y = episode.classes.gather(1, y)  # local label -> global class
-        per_point = point_losses(self.net(x), y, classification=self.spec.is_classification)  # [T, S+Q]
+        # ResNet-12's DropBlock (pre-training only) draws its blocks from the step's generator
+        out = self.net(x, generator) if self.config.dropblock > 0 and generator is not None else self.net(x)
+        per_point = point_losses(out, y, classification=self.spec.is_classification)  # [T, S+Q]
         loss = masked_mean(per_point, mask)
         return loss, {"loss": float(loss.detach())}

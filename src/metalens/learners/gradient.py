@@ -54,7 +54,7 @@ from metalens.config import Options, opt
 from metalens.episode import Episode, TaskSpec
 from metalens.functional import Params, point_losses, task_mean
 from metalens.learners.base import Learner, query_loss
-from metalens.nets import Activation, Conv4, MLP
+from metalens.nets import RESNET12_CHANNELS, Activation, Conv4, MLP, ResNet12
 from metalens.registry import LEARNERS
 from metalens.theory.curvature import capped_rate, extreme_eigenvalues
 
@@ -69,7 +69,7 @@ __all__ = [
 StepRule = Callable[[Params, Params], Params]
 
 # What ``batching="auto"`` picks per backbone, measured with benchmarks/maml_speed.py on CPU.
-AUTO_BATCHING = {"mlp": "vmap", "conv4": "loop"}
+AUTO_BATCHING = {"mlp": "vmap", "conv4": "loop", "resnet12": "loop"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,16 +421,20 @@ def surrogate_loss(theta: Params, direction: Params) -> Tensor:
 class GradientConfig(Options):
     """Options shared by the gradient learners (defaults: Finn et al. 2017's sinusoid setup)."""
 
-    backbone: Literal["mlp", "conv4"] = opt("mlp", "network: mlp (any inputs, flattened) or conv4 (image inputs)")
+    backbone: Literal["mlp", "conv4", "resnet12"] = opt(
+        "mlp", "network: mlp (any inputs, flattened), conv4 or resnet12 (image inputs)")
     hidden: tuple[int, ...] = opt((40, 40), "mlp: hidden layer widths (empty: a linear model)", ge=1)
     activation: Activation = opt("relu", "mlp: activation")
     channels: int = opt(64, "conv4: channels of every convolution", ge=1)
     blocks: int = opt(4, "conv4: number of conv-norm-relu-pool blocks", ge=1)
+    resnet_channels: tuple[int, ...] = opt(RESNET12_CHANNELS, "resnet12: channels of each residual block (one "
+                                                              "block per entry, each halving the image)",
+                                           ge=1, min_len=1)
     inner_steps: int = opt(1, "inner gradient steps on the support set in meta-training", ge=0)
     inner_lr: float = opt(0.01, "inner learning rate alpha (Meta-SGD: the initial value of its learned rates)", gt=0)
     eval_inner_steps: int | None = opt(10, "inner steps when predicting (evaluation); null or 0: inner_steps", ge=0)
     batching: Literal["auto", "vmap", "loop"] = opt(
-        "auto", "tasks in parallel: vmap, a Python loop, or auto (vmap for mlp, loop for conv4)")
+        "auto", "tasks in parallel: vmap, a Python loop, or auto (vmap for mlp, loop for conv4 and resnet12)")
     inner_lr_cap: Literal["none", "curvature"] = opt(
         "none", "curvature: each task's inner rate is min(inner_lr, inner_lr_cap_c / lambda_max), lambda_max the "
                 "largest eigenvalue of its support loss's Hessian at theta (Lanczos); none: inner_lr for every task")
@@ -464,12 +468,14 @@ class GradientLearner(Learner):
     def __init__(self, spec: TaskSpec, config: GradientConfig | None = None) -> None:
         super().__init__(spec, config if config is not None else type(self).Config())
         c = self.config
+        # the fused batch-norm kernel is exact outside vmap (the loop over tasks), not under it
         if c.backbone == "mlp":
             self.net: nn.Module = MLP(spec.x_shape, self.out_features, c.hidden, c.activation)
-        else:
-            # the fused batch-norm kernel is exact outside vmap (the loop over tasks), not under it
+        elif c.backbone == "conv4":
             self.net = Conv4(spec.x_shape, self.out_features, channels=c.channels, blocks=c.blocks,
                              fused_norm=self.batching == "loop")
+        else:
+            self.net = ResNet12(spec.x_shape, self.out_features, c.resnet_channels, fused_norm=self.batching == "loop")
         self.adapted: tuple[str, ...] | None = None
         self._compiled_task: Callable[..., Tensor] | None = None  # set by compiled_meta_loss
 

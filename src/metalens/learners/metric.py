@@ -12,12 +12,15 @@
   appendix); without, ``f = g`` is the plain embedding.
 
 Embeddings (``backbone``): ``conv4`` (:class:`~metalens.nets.Conv4` without its head, the
-64-d embedding of 28x28 images), ``mlp`` (:class:`~metalens.nets.MLP` on flattened inputs,
-for vector tasks such as ``clusters``), ``identity`` (the flattened input itself: ProtoNet
-is then the nearest-class-mean classifier and has nothing to train) or ``auto`` (conv4 for
-image inputs ``[C, H, W]``, else mlp).
+64-d embedding of 28x28 images, 1600-d at 84x84), ``resnet12`` (:class:`~metalens.nets.ResNet12`
+without its head, 16000-d at 84x84 with the default widths), ``mlp`` (:class:`~metalens.nets.MLP`
+on flattened inputs, for vector tasks such as ``clusters``), ``identity`` (the flattened input
+itself: ProtoNet is then the nearest-class-mean classifier and has nothing to train) or
+``auto`` (conv4 for image inputs ``[C, H, W]``, else mlp). ResNet-12's DropBlock
+(``dropblock`` > 0) regularises meta-training only: its blocks are drawn from the generator
+``meta_loss`` receives, and predictions use every unit.
 
-Batch norm. Conv4 normalises each task with the statistics of its own batch (no running
+Batch norm. Conv4 and ResNet-12 normalise each task with the statistics of its own batch (no running
 statistics). The support and query images of a task are embedded together, as one batch
 (as in the training mode of Snell et al.'s code and in Finn et al.'s MAML), so a query's
 prediction also depends, through those statistics, on the other queries of its task --
@@ -49,15 +52,15 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution
 
 from metalens.config import Options, opt
-from metalens.episode import TaskSpec
-from metalens.learners.base import Learner
-from metalens.nets import MLP, Conv4
+from metalens.episode import Episode, TaskSpec
+from metalens.learners.base import Learner, query_loss
+from metalens.nets import MLP, RESNET12_CHANNELS, Conv4, ResNet12
 from metalens.registry import LEARNERS
 
 __all__ = ["MetricConfig", "MatchingConfig", "ProtoNet", "MatchingNet", "make_embedding", 
            "BACKBONES", "CHUNK_IMAGES"]
 
-Backbone = Literal["auto", "conv4", "mlp", "identity"]
+Backbone = Literal["auto", "conv4", "resnet12", "mlp", "identity"]
 BACKBONES: tuple[str, ...] = typing.get_args(Backbone)
 CHUNK_IMAGES = 128  # conv4 embeds at most this many images at once (whole tasks; see embeddings)
 
@@ -67,10 +70,16 @@ CHUNK_IMAGES = 128  # conv4 embeds at most this many images at once (whole tasks
 class MetricConfig(Options):
     """Options shared by the metric learners: the embedding network."""
 
-    backbone: Backbone = opt("auto", "embedding network; auto: conv4 for image inputs, else mlp; identity: the "
-                                     "flattened input")
+    backbone: Backbone = opt("auto", "embedding network; auto: conv4 for image inputs, else mlp; resnet12: "
+                                     "ResNet-12 (image inputs); identity: the flattened input")
     channels: int = opt(64, "conv4: channels of every convolution (the embedding's width)", ge=1)
     blocks: int = opt(4, "conv4: number of conv-norm-relu-pool blocks", ge=1)
+    resnet_channels: tuple[int, ...] = opt(RESNET12_CHANNELS, "resnet12: channels of each residual block (one "
+                                                              "block per entry, each halving the image)",
+                                           ge=1, min_len=1)
+    dropblock: float = opt(0.0, "resnet12: DropBlock rate after its last two blocks in meta-training (0: off)",
+                           ge=0, lt=1)
+    dropblock_size: int = opt(5, "resnet12: side of the blocks DropBlock drops", ge=1)
     hidden: tuple[int, ...] = opt((64, 64), "mlp: hidden layer widths", ge=1)
     embedding_dim: int = opt(64, "mlp: width of the embedding", ge=1)
 
@@ -96,9 +105,16 @@ def make_embedding(spec: TaskSpec, config: MetricConfig) -> tuple[nn.Module, int
     backbone = c.backbone
     if backbone == "auto":
         backbone = "conv4" if len(spec.x_shape) == 3 else "mlp"
+    if c.dropblock > 0 and backbone != "resnet12":
+        raise ValueError(f"dropblock applies to the resnet12 backbone, not {backbone}; set learner.backbone = "
+                         "resnet12 or learner.dropblock = 0")
+    # no inner loop and no vmap here: the fused batch-norm kernel is exact and faster
     if backbone == "conv4":
-        # no inner loop and no vmap here: the fused batch-norm kernel is exact and faster
-        net = Conv4(spec.x_shape, 0, channels=c.channels, blocks=c.blocks, fused_norm=True)
+        net: nn.Module = Conv4(spec.x_shape, 0, channels=c.channels, blocks=c.blocks, fused_norm=True)
+        return net, net.embedding_dim, False
+    if backbone == "resnet12":
+        net = ResNet12(spec.x_shape, 0, c.resnet_channels, dropblock=c.dropblock, dropblock_size=c.dropblock_size,
+                       fused_norm=True)
         return net, net.embedding_dim, False
     if backbone == "mlp":
         return MLP(spec.x_shape, c.embedding_dim, c.hidden), c.embedding_dim, True
@@ -123,20 +139,23 @@ class _MetricLearner(Learner):
         """False when there is nothing to meta-train (the identity embedding, no other parameters)."""
         return any(p.requires_grad for p in self.parameters())
 
-    def embeddings(self, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+    def embeddings(self, support_x: Tensor, query_x: Tensor, *,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``(z_s [T, S, D], z_q [T, Q, D])``; each task's support and query points are one batch.
 
-        Conv4 runs on groups of whole tasks of at most :data:`CHUNK_IMAGES` images (at least one
-        task): per-task batch statistics make the result the same, and on CPU small batches are
-        faster (the activations stay in cache) and bound the evaluator's memory.
+        Conv4 and ResNet-12 run on groups of whole tasks of at most :data:`CHUNK_IMAGES` images (at
+        least one task): per-task batch statistics make the result the same, and on CPU small
+        batches are faster (the activations stay in cache) and bound the evaluator's memory.
+        ``generator``: ResNet-12's DropBlock draws its blocks from it (meta-training only).
         """
         S = support_x.shape[1]
         x = torch.cat([support_x, query_x], 1)  # [T, S+Q, *x]
+        extra = () if generator is None else (generator,)
         if self._per_point:
             z = self.embed(x)
         else:
             per = max(1, CHUNK_IMAGES // x.shape[1])
-            z = torch.cat([self.embed(x[t: t + per]) for t in range(0, x.shape[0], per)])  # [T, S+Q, D]
+            z = torch.cat([self.embed(x[t: t + per], *extra) for t in range(0, x.shape[0], per)])  # [T, S+Q, D]
         return z[:, :S], z[:, S:]
 
     def logits(self, z_s: Tensor, support_y: Tensor, z_q: Tensor) -> Tensor:
@@ -148,15 +167,29 @@ class _MetricLearner(Learner):
 
         Tasks with padded support points are predicted one by one from their real points.
         """
+        return self._predict(support_x, support_y, query_x, support_mask, None)
+
+    def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The query cross-entropy of :meth:`predict`; with DropBlock on, the embeddings drop blocks drawn from
+        ``generator``."""
+        if getattr(self.config, "dropblock", 0.0) == 0 or generator is None:
+            return super().meta_loss(episode, generator=generator)
+        dist = self._predict(episode.support_x, episode.support_y, episode.query_x, episode.support_mask, generator)
+        loss = query_loss(dist, episode.query_y, episode.query_mask, kind=self.spec.kind, mse=True)
+        return loss, {"loss": float(loss.detach())}
+
+    def _predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, support_mask: Tensor | None,
+                 generator: torch.Generator | None) -> Distribution:
         if support_mask is None or bool(support_mask.all()):
-            out = self._logits(support_x, support_y, query_x)
+            out = self._logits(support_x, support_y, query_x, generator)
         else:
             out = torch.cat([self._logits(support_x[t:t + 1, support_mask[t]], support_y[t:t + 1, support_mask[t]],
-                                          query_x[t:t + 1]) for t in range(support_x.shape[0])])
+                                          query_x[t:t + 1], generator) for t in range(support_x.shape[0])])
         return Categorical(logits=out, validate_args=False)
 
-    def _logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
-        z_s, z_q = self.embeddings(support_x, query_x)
+    def _logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+        z_s, z_q = self.embeddings(support_x, query_x, generator=generator)
         return self.logits(z_s, support_y, z_q)
 
 

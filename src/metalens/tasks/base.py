@@ -8,7 +8,9 @@ the family makes it tractable, gives the exact Bayes-optimal posterior predictiv
 Subclasses define a nested frozen dataclass ``Config`` deriving from
 :class:`~metalens.config.Options` (one field per option, made with ``opt``: its default,
 help and declared constraint), ``spec``, ``sample`` and, if they can, ``oracle``; they
-register with ``@TASKS.register("name")``.
+register with ``@TASKS.register("name")``. A family may also propose training settings
+that fit it (:meth:`TaskFamily.train_defaults`), which a run uses where its configuration
+sets none.
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ class TaskFamily(ABC):
         a finite set of classes or tasks; families with an unbounded task
         distribution ignore it.
         """
+
+    @classmethod
+    def train_defaults(cls, config: Any) -> dict[str, Any]:
+        """Trainer options (``train.*`` keys and values) this family proposes for its options ``config``.
+
+        A run uses them where its own configuration gives no value (the user's settings always
+        win; :meth:`metalens.run.RunConfig.resolve`), and records them in ``config.json`` like any
+        option. The default proposes nothing.
+        """
+        return {}
 
     @property
     def has_oracle(self) -> bool:

@@ -11,7 +11,8 @@ An N-way K-shot task draws ``ways`` classes of the split, then ``shots + queries
 distinct images of each class; the support set holds ``shots`` images per class and
 the query set ``queries``, each in a random order, labelled ``0..N-1`` in the order the
 classes were drawn. Images are ``[1, size, size]`` float32 in ``[0, 1]`` with ink as 1
-(:func:`metalens.data.load_image`). With ``rotations`` the rotations of every class by 90,
+(:func:`metalens.data.load_image`) by default; see "Images" below for colour, other sizes,
+normalisation and augmentation. With ``rotations`` the rotations of every class by 90,
 180 and 270 degrees are classes of their own (Santoro et al. 2016; Vinyals et al. 2016),
 in the meta-train split only (``train``) or in every split (``all``); the rotations of a
 character always fall in the same split as the character.
@@ -24,6 +25,30 @@ stands for the zip files in it that hold images (zips without images, such as Om
 Latin are in both minimal sets) is read from the first. Every source is decoded once
 (cached in memory), so that sampling an episode is pure indexing; rotations are applied
 with ``torch.rot90`` to the drawn images.
+
+Images (:class:`ImageOptions`, shared with ``omniglot``). ``channels`` 1 (grey; colour
+converted by luminance; ``invert`` makes dark ink 1) or 3 (colour; grey images become three
+identical channels); ``size``, or ``height`` and ``width`` (``fit`` says how an image of
+another aspect meets them). ``normalize`` (on by default for colour, off for grey, so grey
+images keep ink as 1 on 0) subtracts each channel's mean and divides by its standard
+deviation, both computed once on the meta-training split's images (:attr:`ImageFolder.mean`,
+:attr:`ImageFolder.std`) and applied to every split. ``augment`` (``none`` by default:
+episodes unchanged) transforms the images of meta-training episodes only (``split =
+"train"``; evaluation is never augmented), with parameters drawn from the episode's own
+generator after the images are chosen, so a training episode is still a function of (seed,
+step) and holds the same images as without augmentation, transformed
+(:mod:`metalens.data.augment`): ``natural`` (pad-and-crop or random resized crop, horizontal
+flip, colour jitter) or ``handwriting`` (random rotation, shear, scale and translation),
+with the strengths of the ``aug_*`` options. Decoded images are cached on disk beside the
+data (:mod:`metalens.data.cache`), written once the family has passed its checks, so a
+later start maps them instead of decoding. :meth:`ImageFolder.image_options` gives the
+options of :func:`~metalens.data.load_image` that prepare a user's file exactly as the
+family prepares an evaluation image.
+
+Training settings. Image families propose one task per meta-training step
+(:meth:`ImageFolder.train_defaults`, used where a run's configuration sets no
+``train.batch_tasks``), as Snell et al. (2017) train on one episode per update: a task of
+N ways and K + Q images per class is already a batch of N (K + Q) images.
 
 Bad data is one :class:`~metalens.errors.DataError` naming the file and what to do
 (see :mod:`metalens.data`), raised when the family is built, as are data that do not fit
@@ -54,22 +79,25 @@ the options: a split with fewer classes than ``ways``, a class with fewer images
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from metalens import rng
 from metalens.config import Options, opt
-from metalens.data.images import check_fits, load_image, to_float
-from metalens.data.sources import count_images, read_images, resolve_root, source_paths
+from metalens.data import augment as aug
+from metalens.data.images import check_fits, image_shape, load_image, normalize, to_float
+from metalens.data.sources import count_images, read_images, resolve_root, save_cache, source_paths
 from metalens.episode import Episode, TaskSpec
 from metalens.errors import DataError
 from metalens.registry import TASKS
 from metalens.tasks.base import Split, TaskFamily
 
-__all__ = ["ImageFolder", "load_image"]
+__all__ = ["ImageFolder", "ImageOptions", "Plan", "load_image"]
 
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 _SPLIT_KEY = 0x5B17  # seeds the class split: rng.derive_seed(split_seed, _SPLIT_KEY), apart from rng.Stream
@@ -137,6 +165,10 @@ class Plan:
     size: int
     resample: str
     invert: bool
+    channels: int = 1
+    height: int | None = None  # None: size
+    width: int | None = None
+    fit: str = "pad"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,12 +179,56 @@ def _fraction_or_count(value: float) -> None:
         raise ValueError("must be a fraction < 1 or a whole count")
 
 
+@dataclass(frozen=True)
+class ImageOptions(Options):
+    """The options every image family shares: the images' channels and size, normalisation and augmentation."""
+
+    channels: Literal[1, 3] = opt(1, "1: grey (colour converted by luminance); 3: colour (grey images become three "
+                                     "identical channels)")
+    size: int = opt(28, "images are resized to size x size (unless height and width say otherwise)", ge=1)
+    height: int | None = opt(None, "height of the images in pixels (null: size)", ge=1)
+    width: int | None = opt(None, "width of the images in pixels (null: size)", ge=1)
+    normalize: bool | None = opt(
+        None, "subtract each channel's mean and divide by its standard deviation, both computed on the meta-training "
+              "split, in every split (null: on for colour, off for grey, whose ink stays 1 on 0)")
+    augment: Literal["none", "natural", "handwriting"] = opt(
+        "none", "augmentation of meta-training episodes (never in evaluation): none, natural (crop, horizontal flip, "
+                "colour jitter) or handwriting (random rotation, shear, scale, translation)")
+    aug_crop: Literal["pad", "resized", "none"] = opt(
+        "pad", "natural: pad-and-crop (aug_padding), random resized crop (aug_crop_scale, aug_crop_ratio) or none")
+    aug_padding: int = opt(8, "natural, aug_crop = pad: zero pixels added on every side before the random crop",
+                           ge=1)
+    aug_crop_scale: tuple[float, float] = opt(
+        (0.08, 1.0), "natural, aug_crop = resized: (low, high) fraction of the area a crop covers", gt=0, le=1,
+        nondecreasing=True)
+    aug_crop_ratio: tuple[float, float] = opt(
+        (0.75, 4 / 3), "natural, aug_crop = resized: (low, high) aspect (width / height) of a crop", gt=0,
+        nondecreasing=True)
+    aug_flip: float = opt(0.5, "natural: probability of a horizontal flip", ge=0, le=1)
+    aug_jitter: float = opt(0.4, "natural: brightness, contrast and saturation factors drawn from "
+                                 "[1 - aug_jitter, 1 + aug_jitter] (0: no jitter)", ge=0, le=1)
+    aug_rotation: float = opt(10.0, "handwriting: rotations drawn from [-aug_rotation, aug_rotation] degrees",
+                              ge=0, le=180)
+    aug_shear: float = opt(10.0, "handwriting: horizontal shear angles drawn from [-aug_shear, aug_shear] degrees",
+                           ge=0, lt=90)
+    aug_scale: tuple[float, float] = opt((0.9, 1.1), "handwriting: (low, high) range of the scale factors", gt=0,
+                                         nondecreasing=True)
+    aug_translate: float = opt(0.1, "handwriting: translations drawn from [-aug_translate, aug_translate] of the "
+                                    "width and height", ge=0, le=1)
+
+    def check(self) -> None:
+        h, w = image_shape(self.size, self.height, self.width)
+        if getattr(self, "rotations", "none") != "none" and h != w:
+            raise ValueError(f"rotations need square images, got height {h} and width {w}; set task.rotations = "
+                             "none, or height = width")
+
+
 @TASKS.register("images")
 class ImageFolder(TaskFamily):
     """N-way K-shot classification of images laid out as <group>/<class>/*.png (a folder or zips)."""
 
     @dataclass(frozen=True)
-    class Config(Options):
+    class Config(ImageOptions):
         root: str = opt("", "a folder or a zip file ('': $METALENS_DATA/omniglot, else ../shared/data/omniglot); "
                             "a folder without images stands for the zips in it that hold images (others skipped)")
         sources: str = opt("", "comma-separated zips or folders inside root to read ('': root itself)")
@@ -173,11 +249,14 @@ class ImageFolder(TaskFamily):
         test_groups: str = opt("", "named split: the test groups (as train_groups)")
         rotations: Literal["none", "train", "all"] = opt(
             "none", "rotations by 90/180/270 degrees as new classes: none, meta-train only, or every split")
-        size: int = opt(28, "images are resized to size x size", ge=1)
         resample: Literal["box", "lanczos"] = opt("box", "resizing filter: box (area average) or lanczos")
-        invert: bool = opt(True, "dark ink on light paper: invert so that ink is 1")
+        invert: bool = opt(True, "dark ink on light paper: invert so that ink is 1 (grey images, channels = 1)")
+        fit: Literal["pad", "crop", "stretch"] = opt(
+            "pad", "an image of another aspect than height:width is padded to it (centred; white paper, or black for "
+                   "colour), centre-cropped to it, or stretched")
 
         def check(self) -> None:
+            super().check()
             if self.val_size < 1 and self.test_size < 1 and self.val_size + self.test_size >= 1:
                 raise ValueError(f"val_size + test_size must leave classes for meta-training, got "
                                  f"{self.val_size} + {self.test_size}")
@@ -191,14 +270,22 @@ class ImageFolder(TaskFamily):
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config if config is not None else self.Config())
-        self._build(self._plan())
+        self.plan = self._plan()
+        self._build(self.plan)
+
+    @classmethod
+    def train_defaults(cls, config: Any) -> dict[str, Any]:
+        """One task per meta-training step (Snell et al. 2017 train on one episode per update): an image task
+        is already a batch of ``ways * (shots + queries)`` images."""
+        return {"batch_tasks": 1}
 
     # -- what to read and how to split it (Omniglot overrides these) ------------------------------
     def _plan(self) -> Plan:
         c = self.config
         return Plan(c.root, tuple(_patterns(c.sources)), c.split, c.split_seed, c.val_size, c.test_size,
                     {"train": c.train_groups, "val": c.val_groups, "test": c.test_groups},
-                    c.rotations, c.size, c.resample, c.invert)
+                    c.rotations, c.size, c.resample, c.invert, channels=c.channels, height=c.height,
+                    width=c.width, fit=c.fit)
 
     def _more_classes(self, split: str) -> str:
         """What to change for ``split`` to hold more classes (the end of an error message)."""
@@ -213,8 +300,11 @@ class ImageFolder(TaskFamily):
         c = self.config
         root = resolve_root(plan.root)
         paths = source_paths(root, plan.sources)
-        check_fits(sum(count_images(p) for p in paths), plan.size, where=str(root))
-        sets = [read_images(p, size=plan.size, resample=plan.resample, invert=plan.invert) for p in paths]
+        check_fits(sum(count_images(p) for p in paths), plan.size, where=str(root), channels=plan.channels,
+                   height=plan.height, width=plan.width)
+        # mapped from the disk cache if an earlier process decoded them; written to it once every check passed
+        sets = [read_images(p, size=plan.size, resample=plan.resample, invert=plan.invert, channels=plan.channels,
+                            height=plan.height, width=plan.width, fit=plan.fit, cache="read") for p in paths]
         self.root = root
         self.sources = tuple(s.name for s in sets)
         # merge the sources: the first source that has a class provides its images
@@ -225,19 +315,27 @@ class ImageFolder(TaskFamily):
         seen: set[str] = set()
         n_images = 0
         for s in sets:
+            whole = not any(k in seen for k in s.classes)  # every class new: take its images as they are, uncopied
             for i, k in enumerate(s.classes):
                 groups.setdefault(k.split("/", 1)[0], set()).add(s.name)
                 if k in seen:
                     continue
                 seen.add(k)
                 idx = (s.labels == i).nonzero().flatten()
-                members.append(torch.arange(n_images, n_images + len(idx)))
-                images.append(s.images[idx])
+                if whole:
+                    members.append(n_images + idx)
+                else:
+                    members.append(torch.arange(n_images, n_images + len(idx)))
+                    images.append(s.images[idx])
+                    n_images += len(idx)
                 keys.append(k)
-                n_images += len(idx)
+            if whole:
+                images.append(s.images)
+                n_images += len(s.images)
         order = sorted(range(len(keys)), key=keys.__getitem__)
         self._keys = [keys[i] for i in order]
-        self._images = torch.cat(images)  # uint8 [n_images, size, size], ink high
+        # uint8 [n_images, H, W] (grey, ink high) or [n_images, 3, H, W]; one source: its (mapped) array itself
+        self._images = images[0] if len(images) == 1 else torch.cat(images)
         counts = torch.tensor([len(members[i]) for i in order])
         table = torch.zeros(len(order), int(counts.max()), dtype=torch.int64)
         for row, i in enumerate(order):
@@ -292,6 +390,15 @@ class ImageFolder(TaskFamily):
             n = len(self._split_base[s])
             if n < c.ways:
                 raise DataError(self._too_few(s, n))
+        # per-channel statistics of the meta-training images, applied to every split
+        self.mean: tuple[float, ...] | None = None
+        self.std: tuple[float, ...] | None = None
+        on = c.normalize if c.normalize is not None else plan.channels == 3
+        if on:
+            train_images = torch.cat([self._class_images[i, : self._counts[i]] for i in split_classes["train"]])
+            self.mean, self.std = _channel_stats(self._images, train_images)
+        for source in sets:  # the data passed every check: keep it decoded for the next start
+            save_cache(source)
 
     def _too_few(self, split: str, n: int) -> str:
         ways = self.config.ways
@@ -322,20 +429,32 @@ class ImageFolder(TaskFamily):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
+    def image_options(self) -> dict[str, Any]:
+        """The options of :func:`~metalens.data.load_image` that prepare an image file as this family prepares an
+        evaluation image: decoding, size, channels and normalisation (never augmentation).
+
+        ``load_image(path, **family.image_options())`` is ``[C, H, W]``, one point of a task.
+        """
+        p = self.plan
+        return {"size": p.size, "height": p.height, "width": p.width, "channels": p.channels,
+                "resample": p.resample, "invert": p.invert, "fit": p.fit, "mean": self.mean, "std": self.std}
+
     # -- the contract -------------------------------------------------------------------------------
     @property
     def spec(self) -> TaskSpec:
-        s = self._images.shape[-1]
-        return TaskSpec(kind="classification", x_shape=(1, s, s), num_classes=self.config.ways,
-                        train_classes=len(self._split_base["train"]))
+        shape = tuple(self._images.shape[1:])
+        return TaskSpec(kind="classification", x_shape=shape if len(shape) == 3 else (1, *shape),
+                        num_classes=self.config.ways, train_classes=len(self._split_base["train"]))
 
     def sample(self, n_tasks: int, *, generator: torch.Generator, split: Split = "train") -> Episode:
         """Draw ``n_tasks`` N-way K-shot tasks from the classes of ``split``.
 
-        Returns ``support_x [T, N*K, 1, s, s]``, ``support_y [T, N*K]`` (int64),
-        ``query_x [T, N*Q, 1, s, s]``, ``query_y [T, N*Q]``, each set in a random order.
+        Returns ``support_x [T, N*K, C, H, W]``, ``support_y [T, N*K]`` (int64),
+        ``query_x [T, N*Q, C, H, W]``, ``query_y [T, N*Q]``, each set in a random order.
         Meta-training tasks also carry ``classes [T, N]``, the index in :meth:`classes`
-        of each local label's class (rotations count as classes).
+        of each local label's class (rotations count as classes). Meta-training images are
+        augmented (``augment``), with parameters drawn from ``generator`` after everything
+        else; every split is normalised (``normalize``).
         """
         if n_tasks < 1:
             raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
@@ -353,12 +472,14 @@ class ImageFolder(TaskFamily):
         keys = keys.masked_fill(torch.arange(M) >= self._counts[cls][..., None], 2.0)  # padding sorts last
         slots = torch.argsort(keys, dim=2)[..., : K + Q]  # [T, N, K+Q] distinct images of each class
         idx = self._class_images[cls[..., None], slots]  # [T, N, K+Q]
-        x = self._images[idx]  # uint8 [T, N, K+Q, s, s]
+        x = self._images[idx]  # uint8 [T, N, K+Q, H, W] (grey) or [T, N, K+Q, 3, H, W]
         for r in (1, 2, 3):
             sel = turns == r
             if bool(sel.any()):
                 x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
-        x = to_float(x)[:, :, :, None]  # [T, N, K+Q, 1, s, s]
+        x = to_float(x)
+        if x.dim() == 5:
+            x = x[:, :, :, None]  # [T, N, K+Q, 1, H, W]
 
         def shuffled(part: Tensor, per_class: int) -> tuple[Tensor, Tensor]:
             y = torch.arange(N).repeat_interleave(per_class).expand(T, -1)  # [T, P] class-major
@@ -368,6 +489,38 @@ class ImageFolder(TaskFamily):
 
         sx, sy = shuffled(x[:, :, :K], K)
         qx, qy = shuffled(x[:, :, K:], Q)
+        if split == "train" and c.augment != "none":  # drawn last: the same images as unaugmented, transformed
+            both = self._augment(torch.cat([sx, qx], 1).flatten(0, 1), g).reshape(T, N * (K + Q), *sx.shape[2:])
+            sx, qx = both[:, : N * K].contiguous(), both[:, N * K:].contiguous()
+        if self.mean is not None and self.std is not None:
+            sx, qx = normalize(sx, self.mean, self.std), normalize(qx, self.mean, self.std)
         return Episode(sx, sy, qx, qy, num_classes=N, classes=pick if split == "train" else None)
+
+    def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """``augment`` on a batch of images ``[B, C, H, W]`` in ``[0, 1]``, parameters drawn from ``g``."""
+        c = self.config
+        if c.augment == "natural":
+            return aug.natural(x, generator=g, crop=c.aug_crop, padding=c.aug_padding, scale=c.aug_crop_scale,
+                               ratio=c.aug_crop_ratio, flip_p=c.aug_flip, jitter_strength=c.aug_jitter)
+        return aug.handwriting(x, generator=g, rotation=c.aug_rotation, shear=c.aug_shear, scale=c.aug_scale,
+                               translate=c.aug_translate)
+
+
+def _channel_stats(images: Tensor, index: Tensor, chunk: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation, in ``[0, 1]`` units, of ``images[index]`` (``uint8 [n, H, W]`` or
+    ``[n, C, H, W]``), exactly: integer sums of the pixels and of their squares, chunk by chunk."""
+    a = images.numpy()
+    idx = np.sort(index.numpy())
+    C = a.shape[1] if a.ndim == 4 else 1
+    s1, s2 = np.zeros(C, dtype=np.int64), np.zeros(C, dtype=np.int64)
+    for i in range(0, len(idx), chunk):
+        block = a[idx[i: i + chunk]].reshape(-1, C, a.shape[-2] * a.shape[-1])
+        s1 += block.sum(axis=(0, 2), dtype=np.int64)
+        s2 += np.square(block, dtype=np.uint16).sum(axis=(0, 2), dtype=np.int64)
+    n = len(idx) * a.shape[-2] * a.shape[-1]
+    mean = tuple(int(t) / (n * 255) for t in s1)
+    var = [(int(q) * n - int(t) ** 2) / (n * n * 255 * 255) for t, q in zip(s1, s2)]  # exact up to the division
+    std = tuple(math.sqrt(v) if v > 0 else 1.0 for v in var)  # a constant channel: centred, not scaled
+    return mean, std
 
 

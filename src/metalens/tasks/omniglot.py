@@ -16,6 +16,11 @@ images, ink as 1, rotations as new classes in meta-training by default, and a
 - ``vinyals``: the sizes of Vinyals et al. (2016), 1028 / 172 / 423 characters, drawn by
   ``split_seed``.
 
+Images are 28x28 grey with ink as 1 by default; the options every image family shares
+(:class:`~metalens.tasks.images.ImageOptions`: ``channels``, ``size`` or ``height`` and
+``width``, ``normalize``, ``augment`` with its ``aug_*`` strengths) apply here too, e.g.
+``augment=handwriting`` for small random affine maps of the meta-training characters.
+
 The full dataset is read as folders or as the official zips; ``download=true`` fetches
 the zips a protocol lacks (:func:`download_omniglot`) and verifies their MD5 checksums
 before they are moved into place. Nothing is downloaded unless asked for.
@@ -29,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from metalens.config import Options, opt
+from metalens.config import opt
 from metalens.data.archives import download, md5sum
 from metalens.data.sources import default_root, resolve_root
 from metalens.errors import DataError
 from metalens.registry import TASKS
-from metalens.tasks.images import ImageFolder, Plan
+from metalens.tasks.images import ImageFolder, ImageOptions, Plan
 
 __all__ = ["Omniglot", "download_omniglot", "OMNIGLOT_FILES", "OMNIGLOT_URL", "OMNIGLOT_PROTOCOLS"]
 
@@ -104,7 +109,7 @@ class Omniglot(ImageFolder):
     """Omniglot N-way K-shot (Lake et al. 2015) with the standard protocols; rotations as new classes."""
 
     @dataclass(frozen=True)
-    class Config(Options):
+    class Config(ImageOptions):
         root: str = opt("", "folder with the Omniglot zips or their folders ('': $METALENS_DATA/omniglot, "
                             "else ../shared/data/omniglot)")
         protocol: Literal["small", "lake", "finn", "vinyals"] = opt(
@@ -136,7 +141,7 @@ class Omniglot(ImageFolder):
                     "the official zips (MD5-checked), or point task.root at a folder that has them")
         groups = p.get("groups", {"train": "", "val": "", "test": ""})
         return Plan(c.root, p["sources"], p["split"], c.split_seed, p.get("val_size", 0), p.get("test_size", 0),
-                    groups, c.rotations, 28, "box", True)
+                    groups, c.rotations, c.size, "box", True, channels=c.channels, height=c.height, width=c.width)
 
     def _more_classes(self, split: str) -> str:
         return f"choose a protocol with more {split} characters (task.protocol; {self.config.protocol!r} now)"
