@@ -18,7 +18,7 @@ from PIL import Image
 import metalens
 from metalens.cli import main
 from metalens.errors import DataError
-from metalens.model_file import load_model
+from metalens.model_file import Model, load_model
 from metalens.run import RunConfig, start_run
 from metalens.use import prepare
 
@@ -115,7 +115,8 @@ def test_images_of_another_size_and_colour_are_converted_as_in_training(omniglot
     assert x.shape == (1, 28, 28)  # what predict feeds the learner
     code, out, err = run(capsys, "predict", folder, "--support", root / "support", "--query", tmp_path / "big.png")
     assert code == 0, err
-    assert model.inputs.image == {"size": 28, "resample": "box", "invert": True}
+    family = metalens.load_run(folder).family  # predict decodes a file exactly as the family decodes its images
+    assert model.inputs.image == {**family.image_options(), "mean": None, "std": None}
 
 
 def test_image_inputs_that_cannot_be_converted_are_named(omniglot_run, capsys, tmp_path):
@@ -254,3 +255,14 @@ def test_more_classes_than_a_synthetic_tables_learner_was_trained_for(capsys, tm
     one_line_exit_2(capsys, ["predict", folder, "--support", four, "--query", four],
                     "the support set has 4 classes, more than the 3 that transformer trained on synthetic_tables "
                     "was trained for")
+
+
+def test_a_colour_normalised_family_is_replayed_on_user_images():
+    """predict decodes a user's file with the family's channels, size and normalisation (not grey defaults)."""
+    family = metalens.make_task("omniglot", channels=3, size=20, normalize=True, ways=5)
+    learner = metalens.make_learner("protonet", family, backbone="identity")
+    inputs = Model.of(learner, family).inputs
+    options = family.image_options()
+    assert inputs.image["channels"] == 3 and inputs.image["size"] == 20
+    assert inputs.image["mean"] == list(options["mean"]) and inputs.image["std"] == list(options["std"])
+    assert inputs.image["mean"] is not None and len(inputs.image["mean"]) == 3

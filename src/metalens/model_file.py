@@ -98,15 +98,18 @@ class Inputs:
 
     @classmethod
     def of(cls, spec: TaskSpec, task_options: dict[str, Any] | None = None,
-           extra: dict[str, Any] | None = None) -> Inputs:
-        """The inputs of a learner built for ``spec``: images when ``x_shape`` is ``(channels, size, size)``
-        (decoded with the family's ``resample`` and ``invert`` options, else ``box`` and ink as 1), and what the
-        family adds (its ``user_inputs()``)."""
+           extra: dict[str, Any] | None = None, image_options: dict[str, Any] | None = None) -> Inputs:
+        """The inputs of a learner built for ``spec``: images when ``x_shape`` is ``(channels, height, width)``,
+        decoded as the family decodes an evaluation image (``image_options``: the family's
+        ``image_options()``, i.e. the keyword arguments of :func:`metalens.data.load_image`; without them
+        grey ``box``-resized images with ink as 1), and what the family adds (its ``user_inputs()``)."""
         opts = task_options or {}
         image = None
         if len(spec.x_shape) == 3:
             image = {"size": int(spec.x_shape[-1]), "resample": str(opts.get("resample", "box")),
                      "invert": bool(opts.get("invert", True))}
+            if image_options is not None:  # the family's own decoding: channels, height/width, normalisation
+                image = json.loads(json.dumps(image_options))
         return cls.from_json({"x_shape": list(spec.x_shape), "image": image, **(extra or {})})
 
     def to_json(self) -> dict[str, Any]:
@@ -177,7 +180,8 @@ class Model:
             return cls(learner, learner.spec, Inputs.of(learner.spec), config, step, source)
         extra = family.user_inputs() if hasattr(family, "user_inputs") else {}
         opts = to_dict(family.config) if dataclasses.is_dataclass(family.config) else {}
-        return cls(learner, family.spec, Inputs.of(family.spec, opts, extra), config, step, source)
+        image = family.image_options() if hasattr(family, "image_options") else None
+        return cls(learner, family.spec, Inputs.of(family.spec, opts, extra, image), config, step, source)
 
     @property
     def name(self) -> str:

@@ -282,11 +282,7 @@ def _need_images(model: Model, what: str) -> dict[str, Any]:
 def _decode(model: Model, files: list[Path]) -> Tensor:
     img = model.inputs.image
     assert img is not None
-    C = model.inputs.x_shape[0]
-    if C != 1:
-        raise DataError(f"{model.name} takes {C}-channel images; metalens decodes image files to grey (1 channel), "
-                        "as its image families do")
-    x = torch.stack([load_image(f, size=img["size"], resample=img["resample"], invert=img["invert"]) for f in files])
+    x = torch.stack([load_image(f, **img) for f in files])  # decoded as the family decodes an evaluation image
     return prepare(model, x, what=str(files[0].parent))
 
 
