@@ -14,9 +14,9 @@ import metalens
 from metalens import rng
 from metalens.cli import main
 from metalens.config import ConfigError
-from metalens.episode import Episode
+from metalens.episode import Episode, TaskSpec
 from metalens.evaluate import evaluate
-from metalens.learners.in_context import InContextLSTM, InContextTransformer
+from metalens.learners.in_context import ImageEmbedding, InContextLSTM, InContextTransformer, LowRankLSTM
 from metalens.nets import in_context_attention
 
 torch.set_num_threads(1)
@@ -275,3 +275,161 @@ def test_cli_trains_and_evaluates_at_another_number_of_shots(capsys, tmp_path):
     capsys.readouterr()
     assert main(["eval", str(out), "--episodes", "10", "--set", "task.shots=5", "--json"]) == 0
     assert '"mse"' in capsys.readouterr().out
+
+
+# -- image inputs (the backbone option), hidden query labels, the low-rank LSTM --------------------------------------
+
+IMAGE_SPEC = TaskSpec(kind="classification", x_shape=(1, 28, 28), num_classes=3)
+# Small networks (4 Conv-4 channels): every property tested here holds at any width.
+IMAGE_MODELS = {
+    "set": ("transformer", {"mode": "set", "dim": 8, "layers": 1, "heads": 2, "channels": 4}),
+    "sequence": ("transformer", {"mode": "sequence", "dim": 8, "layers": 1, "heads": 2, "channels": 4}),
+    "lstm": ("lstm", {"hidden": 8, "channels": 4}),
+    "mann": ("mann", {"hidden": 8, "slots": 6, "width": 4, "heads": 2, "channels": 4}),
+}
+
+
+def _image_episode(seed: int, T: int = 3, shots: int = 2, queries: int = 2) -> Episode:
+    """Random 28x28 'images', 3-way: enough for shapes, determinism and masks."""
+    g = torch.Generator().manual_seed(seed)
+    N = IMAGE_SPEC.num_classes
+    sy = torch.arange(N).repeat(shots)[torch.randperm(N * shots, generator=g)].expand(T, -1).contiguous()
+    return Episode(torch.rand(T, N * shots, 1, 28, 28, generator=g), sy, torch.rand(T, N * queries, 1, 28, 28,
+                                                                                    generator=g),
+                   torch.randint(N, (T, N * queries), generator=g), num_classes=N)
+
+
+def _image_learner(model: str, seed: int, **options):
+    name, opts = IMAGE_MODELS[model]
+    return metalens.make_learner(name, IMAGE_SPEC, seed=seed, **{**opts, **options})
+
+
+@pytest.mark.parametrize("model", list(IMAGE_MODELS))
+def test_image_inputs_get_a_conv4_backbone_with_shapes_determinism_and_gradients(model):
+    seed = 11
+    a, b = _image_learner(model, seed), _image_learner(model, seed)
+    assert isinstance(a.embed_x, ImageEmbedding), f"{model}: backbone auto did not pick Conv-4 for images"
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), f"{model}, seed {seed}"
+    ep = _image_episode(seed)
+    pa, pb = predict(a, ep.support_x, ep.support_y, ep.query_x), predict(b, ep.support_x, ep.support_y, ep.query_x)
+    assert tuple(pa.shape) == (3, ep.n_query, 3) and torch.equal(pa, pb), f"{model}, seed {seed}"
+    loss, _ = a.meta_loss(ep)
+    loss.backward()
+    conv = [p.grad for k, p in a.named_parameters() if k.startswith("embed_x.net.features")]
+    assert conv and all(g is not None and bool(g.abs().sum() > 0) for g in conv), f"{model}: no gradient to Conv-4"
+    linear = _image_learner(model, seed, backbone="linear")
+    assert not any(k.startswith("embed_x.net") for k in linear.state_dict()), model
+    assert tuple(predict(linear, ep.support_x, ep.support_y, ep.query_x).shape) == (3, ep.n_query, 3)
+
+
+def test_vector_inputs_keep_their_linear_embedding_and_conv4_is_refused():
+    family = metalens.make_task("sinusoid")
+    transformer = metalens.make_learner("transformer", family, dim=8, layers=1, heads=2)
+    assert type(transformer.embed_x) is torch.nn.Linear and transformer.embed_x.in_features == 1
+    lstm = metalens.make_learner("lstm", family, hidden=8)
+    assert not hasattr(lstm, "embed_x") and type(lstm.lstm) is torch.nn.LSTM and lstm.lstm.input_size == 1 + 1 + 1
+    for name in ("transformer", "lstm", "mann"):
+        message = (f"learner '{name}': backbone 'conv4' needs image inputs [channels, height, width], got x_shape "
+                   "(1,); use backbone 'linear' (or 'auto')")
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            metalens.make_learner(name, family, backbone="conv4")
+
+
+@pytest.mark.parametrize("model", list(IMAGE_MODELS))
+def test_padded_support_images_never_influence_predictions(model):
+    seed = 12
+    lrn = _image_learner(model, seed)
+    ep = _image_episode(seed)
+    sx, sy, mask = _pad_support(ep, 2, torch.Generator().manual_seed(seed))
+    mask[1] = True  # task 1 has no padding, the others do
+    sx[1, :2], sy[1, :2] = ep.support_x[1, :2], ep.support_y[1, :2]
+    ref = predict(lrn, ep.support_x, ep.support_y, ep.query_x)
+    pad = predict(lrn, sx, sy, ep.query_x, mask)
+    torch.testing.assert_close(pad[[0, 2]], ref[[0, 2]], rtol=1e-4, atol=1e-4, msg=f"{model}, seed {seed}")
+    full = predict(lrn, sx[1:2], sy[1:2], ep.query_x[1:2])  # task 1: its own 8 support images, unmasked
+    torch.testing.assert_close(pad[1:2], full, rtol=1e-4, atol=1e-4, msg=f"{model}, seed {seed}")
+
+
+HIDDEN_LABEL_INPUTS = {
+    "images": lambda seed: _image_episode(seed),
+    "vectors": lambda seed: metalens.make_task("clusters", ways=3, shots=2, queries=2).episode(seed, 0, 3),
+    "regression": lambda seed: metalens.make_task("sinusoid", shots=4, queries=3).episode(seed, 0, 3),
+}
+
+
+def _hidden_label_learner(model: str, inputs: str, seed: int):
+    if inputs == "images":
+        return _image_learner(model, seed)
+    name, opts = {**MODELS, "mann": ("mann", {"hidden": 8, "slots": 6, "width": 4, "heads": 2})}[model]
+    task, task_opts = (("clusters", {"ways": 3}) if inputs == "vectors" else ("sinusoid", {}))
+    return metalens.make_learner(name, metalens.make_task(task, **task_opts), seed=seed, **opts)
+
+
+def _other_labels(y: torch.Tensor, classification: bool) -> torch.Tensor:
+    return (y + 1) % 3 if classification else y + 5.0
+
+
+@pytest.mark.parametrize("inputs", list(HIDDEN_LABEL_INPUTS))
+@pytest.mark.parametrize("model", ["set", "sequence", "lstm", "mann"])
+def test_a_query_label_never_reaches_a_prediction(model, inputs):
+    """``predict`` never reads the queries' labels; in the sequence view that ``meta_loss`` trains on (support,
+    then queries), the prediction at a query's position does not change with that query's own label (nor with
+    any later one), while later positions read it (so the check can fail)."""
+    seed = 13
+    ep = HIDDEN_LABEL_INPUTS[inputs](seed)
+    lrn = _hidden_label_learner(model, inputs, seed)
+    classification = ep.is_classification
+    relabelled = Episode(ep.support_x, ep.support_y, ep.query_x, _other_labels(ep.query_y, classification),
+                         num_classes=ep.num_classes)
+    with torch.no_grad():
+        assert torch.equal(outputs(lrn.predict(ep.support_x, ep.support_y, ep.query_x)),
+                           outputs(lrn.predict(relabelled.support_x, relabelled.support_y, relabelled.query_x)))
+        x = torch.cat([ep.support_x, ep.query_x], 1)
+        y = torch.cat([ep.support_y, ep.query_y], 1)
+        ref = outputs(lrn.sequence_predict(x, y))
+        S, N = ep.n_support, x.shape[1]
+        for t in range(S, N):  # every query position
+            y2 = y.clone()
+            y2[:, t] = _other_labels(y[:, t], classification)
+            out = outputs(lrn.sequence_predict(x, y2))
+            assert torch.allclose(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=1e-6), (
+                f"{model} on {inputs}, seed {seed}: the label of position {t} reached its own prediction")
+            if t + 1 < N:
+                assert not torch.allclose(out[:, t + 1:], ref[:, t + 1:], atol=1e-6), (
+                    f"{model} on {inputs}, seed {seed}: the label of position {t} is never read (vacuous)")
+
+
+def test_the_low_rank_lstm_at_full_rank_is_the_lstm():
+    """With V the identity and U = [W_ih, W_hh], LowRankLSTM computes nn.LSTM's outputs and final states, also
+    with lengths (against packed sequences)."""
+    seed, I, H = 14, 3, 5
+    torch.manual_seed(seed)
+    ref = torch.nn.LSTM(I, H, 1, batch_first=True).double()
+    low = LowRankLSTM(I, H, 1, rank=I + H).double()
+    with torch.no_grad():
+        low.down[0].weight.copy_(torch.eye(I + H, dtype=torch.float64))
+        low.up[0].weight.copy_(torch.cat([ref.weight_ih_l0, ref.weight_hh_l0], 1))
+        low.up[0].bias.copy_(ref.bias_ih_l0 + ref.bias_hh_l0)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 6, I, generator=g, dtype=torch.float64)
+    out_r, (h_r, c_r) = ref(x)
+    out_l, (h_l, c_l) = low(x)
+    torch.testing.assert_close(out_l, out_r, msg=f"seed {seed}")
+    torch.testing.assert_close((h_l, c_l), (h_r, c_r), msg=f"seed {seed}")
+    lengths = torch.tensor([6, 3, 1, 4])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    _, (h_p, c_p) = ref(packed)
+    _, (h_n, c_n) = low(x, lengths=lengths)
+    torch.testing.assert_close((h_n, c_n), (h_p, c_p), msg=f"seed {seed}")
+
+
+def test_the_lstm_rank_option_sets_the_parameter_count():
+    family = metalens.make_task("projected", ways=3, dim=16)
+    for hidden, rank in ((8, 100), (128, 4)):
+        lstm = metalens.make_learner("lstm", family, hidden=hidden, rank=rank)
+        assert isinstance(lstm.lstm, LowRankLSTM)
+        expected = rank * (5 * hidden + 16 + 3 + 1) + 4 * hidden + (hidden + 1) * 3
+        assert sum(p.numel() for p in lstm.parameters()) == expected, (hidden, rank)
+        ep = family.episode(SEED, 0, 2)
+        assert tuple(predict(lstm, ep.support_x, ep.support_y, ep.query_x).shape) == (2, ep.n_query, 3)

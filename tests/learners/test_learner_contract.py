@@ -50,6 +50,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "matching": {"backbone": "mlp", "hidden": [8], "embedding_dim": 8, "fce": True, "fce_steps": 2},
     "transformer": {"dim": 8, "layers": 1, "heads": 2, "mlp_ratio": 2},
     "lstm": {"hidden": 8},
+    "mann": {"hidden": 8, "slots": 6, "width": 4, "heads": 2},
     "pacbayes": {**_SMALL_MLP, "inner_steps": 2, "eval_samples": 3},
 }
 

@@ -10,3 +10,4 @@ from metalens.experiments import maml_map, first_order_bias, reptile_objective, 
 from metalens.experiments import convergence, notebook_figures, inner_loop_stability  # noqa: F401
 from metalens.experiments import pac_bayes  # noqa: F401
 from metalens.experiments import tabular  # noqa: F401
+from metalens.experiments import ood_extrapolation, icl_state_size, icl_plateaus  # noqa: F401

@@ -83,6 +83,14 @@ def learner_options(name: str, ways: int, channels: int) -> dict[str, Any]:
         return {"backbone": "conv4", "channels": channels, "finetune_steps": 100, "finetune_lr": 0.1}
     if name == "scratch":
         return {"hidden": [256, 128]}
+    # the black-box learners read Conv-4 features of each image and one-hot labels (Santoro et al. 2016); their
+    # output heads have N classes, so they train at the test way
+    if name == "lstm":
+        return {"backbone": "conv4", "channels": channels, "hidden": 200}
+    if name == "transformer":
+        return {"backbone": "conv4", "channels": channels, "dim": 64, "layers": 2, "heads": 4}
+    if name == "mann":  # Santoro et al.'s controller and memory: 200 units, 128 slots of 40, 4 read heads
+        return {"backbone": "conv4", "channels": channels, "hidden": 200, "slots": 128, "width": 40, "heads": 4}
     return {}
 
 

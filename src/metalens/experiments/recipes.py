@@ -69,6 +69,8 @@ TOUR: dict[str, Recipe] = {
     "transformer": Recipe("sinusoid", train={"steps": 600, "batch_tasks": 32, "lr": 1e-3, "grad_clip": 1.0}),
     "lstm": Recipe("sinusoid", train={"steps": 1500, "batch_tasks": 32, "lr": 1e-3, "grad_clip": 1.0}),
     # Santoro et al.'s memory-augmented learner, small (~65 ms a step at 32 tasks: a Python loop over the points)
+    "mann": Recipe("sinusoid", learner_options={"hidden": 64, "slots": 16, "width": 16, "heads": 1},
+                   train={"steps": 500, "batch_tasks": 32, "lr": 3e-3, "grad_clip": 1.0}),
     # a linear model on 5-way 1-shot clusters (the Bayes classifier of isotropic clusters is linear)
     "pacbayes": Recipe("clusters", learner_options={"hidden": [], "prior_std": 1.0, "hyper_posterior_std": 1.0,
                                                     "inner_lr": 0.3}, train={**_CLUSTERS, "lr": 1e-2}),

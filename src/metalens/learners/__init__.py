@@ -9,3 +9,4 @@ from metalens.learners import in_context  # noqa: F401
 
 __all__ = ["Learner"]
 from metalens.learners import pac_bayes  # noqa: F401
+from metalens.learners import memory  # noqa: F401
