@@ -8,6 +8,14 @@ CRC), is refused. An archive with a member whose path could escape a folder (abs
 file that is not a zip, or a damaged one, is one :class:`~metalens.errors.DataError`
 naming it (:func:`open_zip`), never ``zipfile``'s own exception.
 
+Tar archives (plain, gzip, bzip2 or xz: CIFAR-100's ``cifar-100-binary.tar.gz``, CUB's
+``CUB_200_2011.tgz``) are read in memory, in one pass in archive order (a compressed tar
+cannot be read out of order without decompressing it again), with the same member checks
+as zips plus tar's own kinds of member: a hard link, a device or a FIFO is refused like a
+symbolic link (:func:`check_tar`, :func:`iter_tar`). :func:`iter_tar` checks every member
+before it reads any data, and reads each member with a cap, checking that it holds the
+bytes its header declares.
+
 Nothing is ever downloaded unless asked for; :func:`download` checks the MD5 of what it
 fetched before moving it into place.
 """
@@ -18,18 +26,19 @@ import hashlib
 import os
 import shutil
 import stat
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from metalens.errors import DataError, excerpt, reason
 
 __all__ = ["UnsafeArchiveError", "check_archive", "open_zip", "read_member", "extract_zip", "md5sum", "download",
-           "MAX_MEMBER_BYTES"]
+           "MAX_MEMBER_BYTES", "check_tar", "iter_tar"]
 
 MAX_MEMBER_BYTES = 64 << 20  # read_member refuses a member larger than this unless told otherwise
 _REDO = "download or re-create the archive"
@@ -39,8 +48,8 @@ class UnsafeArchiveError(DataError):
     """An archive holds a member whose path could escape the folder it is extracted into."""
 
 
-def _unsafereason(info: zipfile.ZipInfo) -> str | None:
-    name = info.filename
+def _unsafe_name(name: str) -> str | None:
+    """Why a member called ``name`` could escape the folder it is extracted into (None: it cannot)."""
     if "\x00" in name:
         return "contains a NUL byte"
     posix = name.replace("\\", "/")
@@ -50,9 +59,14 @@ def _unsafereason(info: zipfile.ZipInfo) -> str | None:
         return "starts with a drive letter"
     if any(part == ".." for part in posix.split("/")):
         return "contains '..'"
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return "is a symbolic link"
     return None
+
+
+def _unsafereason(info: zipfile.ZipInfo) -> str | None:
+    why = _unsafe_name(info.filename)
+    if why is None and stat.S_ISLNK(info.external_attr >> 16):
+        return "is a symbolic link"
+    return why
 
 
 def check_archive(archive: zipfile.ZipFile, *, where: str = "") -> None:
@@ -214,3 +228,121 @@ def download(
         tmp.unlink(missing_ok=True)
         raise
     return dest
+
+
+# ------------------------------------------------------------------------------------------------
+# Tar archives
+# ------------------------------------------------------------------------------------------------
+def _tar_unsafe(info: tarfile.TarInfo) -> str | None:
+    """Why tar member ``info`` could escape its folder or is not plain data (None: it is safe)."""
+    why = _unsafe_name(info.name)
+    if why is not None:
+        return why
+    if info.issym():
+        return "is a symbolic link"
+    if info.islnk():
+        return "is a hard link"
+    if info.ischr() or info.isblk() or info.isfifo():
+        return "is a device or a FIFO"
+    if not (info.isfile() or info.isdir()):
+        return "is neither a file nor a folder"
+    return None
+
+
+def _tar_error(path: str, e: BaseException) -> DataError:
+    """``e``, raised while reading the tar archive ``path``, as one line naming it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        head = b""
+    if not head:
+        return DataError(f"{path} is empty, not a tar archive; {_REDO}")
+    if head[:2] == b"PK":
+        return DataError(f"{path} is a zip file, not a tar archive; give the tar archive (.tar, .tar.gz, .tgz), "
+                         "or the folder it holds")
+    known = (head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00"
+             or head[257:262] == b"ustar")
+    if not known:
+        return DataError(f"{path} is not a tar archive (it starts {excerpt(head, 24)}); {_REDO}, or give the "
+                         "folder of its files instead")
+    return DataError(f"{path} is a damaged tar archive ({reason(e)}); {_REDO}")
+
+
+def _tar_members(path: str | os.PathLike, where: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """``(archive, member)`` for every member of the tar archive ``path``, in archive order, in one pass.
+
+    Every error of the archive (not a tar, damaged, truncated) is one :class:`DataError` naming it.
+    """
+    if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise DataError(f"{where} is not a regular file, so not a tar archive; {_REDO}")
+        raise DataError(f"no such tar archive: {where}")
+    try:
+        archive = tarfile.open(os.fspath(path), mode="r|*")
+    except OSError as e:
+        if not isinstance(e, tarfile.TarError) and e.errno is not None:
+            raise DataError(f"cannot read {where}: {e.strerror or e}") from None
+        raise _tar_error(os.fspath(path), e) from None
+    except Exception as e:  # tarfile.ReadError, CompressionError, EOFError, zlib.error, ...
+        raise _tar_error(os.fspath(path), e) from None
+    with archive:
+        while True:
+            try:
+                info = archive.next()
+            except Exception as e:  # a truncated or damaged stream
+                raise _tar_error(os.fspath(path), e) from None
+            if info is None:
+                return
+            yield archive, info
+
+
+def check_tar(path: str | os.PathLike, *, where: str = "") -> list[tarfile.TarInfo]:
+    """The members of the tar archive ``path``; :class:`UnsafeArchiveError` if any could escape its folder.
+
+    One pass over the archive (headers only; the data is skipped, though a compressed archive
+    is decompressed to do so). A member that is a symbolic or hard link, a device or a FIFO is
+    refused like a path with ``..``: the archive as a whole, before anything is read from it.
+    """
+    where = where or os.fspath(path)
+    members = []
+    for _, info in _tar_members(path, where):
+        why = _tar_unsafe(info)
+        if why is not None:
+            raise UnsafeArchiveError(f"refusing the archive {where}: member {info.name!r} {why}; nothing was read "
+                                     "or written from it")
+        members.append(info)
+    return members
+
+
+def iter_tar(path: str | os.PathLike, wanted: Callable[[str], bool], *, limit: int = MAX_MEMBER_BYTES,
+             where: str = "") -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of every regular member of the tar archive ``path`` whose name ``wanted`` accepts.
+
+    The whole archive is checked first (:func:`check_tar`), so an unsafe archive yields
+    nothing; then the members are read in archive order, each with a cap: a member whose
+    header declares more than ``limit`` bytes is refused unread, one that holds fewer bytes
+    than it declares (a truncated archive) is refused as damaged (:class:`DataError` naming
+    the member and the archive).
+    """
+    where = where or os.fspath(path)
+    check_tar(path, where=where)
+    for archive, info in _tar_members(path, where):
+        why = _tar_unsafe(info)
+        if why is not None:  # the archive changed since it was checked
+            raise UnsafeArchiveError(f"refusing the archive {where}: member {info.name!r} {why}")
+        if not info.isfile() or not wanted(info.name):
+            continue
+        if info.size > limit:
+            raise DataError(f"refusing member {info.name!r} of {where}: its header declares {info.size} bytes, "
+                            f"more than {_mib(limit)} for one file")
+        try:
+            f = archive.extractfile(info)
+            data = f.read(info.size + 1) if f is not None else b""
+        except Exception as e:  # a truncated stream, a bad CRC of the compression, ...
+            raise DataError(f"cannot read member {info.name!r} of {where}: the archive is damaged ({reason(e)}); "
+                            f"{_REDO}") from None
+        if len(data) != info.size:
+            raise DataError(f"refusing member {info.name!r} of {where}: its header declares {info.size} bytes but "
+                            f"it holds {len(data)}; the archive is damaged or truncated; {_REDO}")
+        yield info.name, data

@@ -7,3 +7,4 @@ from metalens.tasks import random_mlp, projected  # noqa: F401
 
 __all__ = ["TaskFamily", "Split", "EVAL_CHUNK"]
 from metalens.tasks import table, synthetic_tables  # noqa: F401,E402  (registration)
+from metalens.tasks import mini_imagenet, tiered_imagenet, cifar, cub  # noqa: F401,E402  (registration)
