@@ -101,7 +101,7 @@ torch.Size([2, 4, 3])
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +240,78 @@ class _InContext(Learner):
                               _full_mask(episode.query_mask, T, episode.n_query, dev)], 1)
         dist = self.sequence_predict(x, y, mask)
         return query_loss(dist, y, mask, kind=self.spec.kind, mse=not self.probabilistic)
+
+
+class _Recurrent(_InContext):
+    """What the recurrent in-context learners share (``lstm``, ``mann``): reading ``(x_t, y_{t-1})``
+    step by step, then one step per query ``(x_q, y_S)`` from the state after the support set.
+
+    A subclass builds its recurrence in ``__init__`` (after :meth:`_setup`) and gives three
+    hooks: :meth:`_final` (the state after each task's real points), :meth:`_outputs` (the
+    features at every step) and :meth:`_branch` (every query one step on from a state).
+    """
+
+    def _setup(self, spec: TaskSpec, c: Any) -> tuple[int, int]:
+        """The image embedding where the backbone asks for one; returns the width of a step's input
+        ``[x_t, y_{t-1}, 1 if there is a y_{t-1}]`` and the head's width."""
+        out = self._setup_outputs(spec, c.loss, c.min_scale)
+        y_width = spec.num_classes if spec.is_classification else spec.y_dim
+        x_width = spec.x_dim
+        if uses_conv4(spec, c.backbone):
+            self.embed_x = ImageEmbedding(spec.x_shape, 0, c.channels)
+            x_width = self.embed_x.width
+        return x_width + y_width + 1, out
+
+    def _final(self, steps: Tensor, lengths: Tensor | None) -> Any:
+        """The state after the first ``lengths [T]`` step inputs ``steps [T, P, in]`` (all where None)."""
+        raise NotImplementedError
+
+    def _outputs(self, steps: Tensor) -> Tensor:
+        """The features ``[T, P, F]`` after every step input of ``steps [T, P, in]``."""
+        raise NotImplementedError
+
+    def _branch(self, state: Any, step: Tensor) -> Tensor:
+        """The features ``[T, Q, F]`` after one step input ``step [T, Q, in]`` per query, each from ``state``."""
+        raise NotImplementedError
+
+    def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
+                support_mask: Tensor | None = None) -> Distribution:
+        """Run over the real support points, then one step per query ``(x_q, y_S)`` from the final state."""
+        T, S, Q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
+        ye = self._encode_y(support_y, support_x.dtype)  # [T, S, w]
+        x, qx = self._features(support_x, query_x, support_mask)
+        n = torch.full((T,), S, device=x.device)
+        if support_mask is not None:
+            order = self._compact(support_mask)
+            x = x.gather(1, order.view(T, S, *([1] * (x.dim() - 2))).expand_as(x))
+            ye = ye.gather(1, order[..., None].expand_as(ye))
+            n = support_mask.sum(1)
+        state = self._final(self._steps(x, ye), None if support_mask is None else n)
+        last = ye.gather(1, (n - 1).clamp(min=0).view(T, 1, 1).expand(T, 1, ye.shape[-1]))  # y_S [T, 1, w]
+        has = (n > 0).to(ye.dtype).view(T, 1, 1)
+        step = torch.cat([qx.flatten(2), (last * has).expand(T, Q, -1), has.expand(T, Q, 1)], -1)
+        return self._distribution(self.head(self._branch(state, step)))
+
+    def sequence_predict(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> Distribution:
+        """Predictions at every position of ``x [T, N, *x]``, ``y``: the output after reading
+        ``(x_t, y_{t-1})``, with padded points skipped (``y_{t-1}`` is the last real target)."""
+        T, N = x.shape[:2]
+        ye = self._encode_y(y, x.dtype)
+        x = self._sequence_features(x, mask)
+        if mask is None:
+            return self._distribution(self.head(self._outputs(self._steps(x, ye))))
+        order = self._compact(mask)
+        xs = x.gather(1, order.view(T, N, *([1] * (x.dim() - 2))).expand_as(x))
+        ys = ye.gather(1, order[..., None].expand_as(ye))
+        out = self._outputs(self._steps(xs, ys))  # padded points come last: they never reach a real one
+        inverse = torch.argsort(order, dim=1)
+        out = out.gather(1, inverse[..., None].expand_as(out))  # back to the original positions
+        return self._distribution(self.head(out))
+
+    def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The loss averaged over every position of the concatenated support + query sequence."""
+        loss = self.sequence_loss(episode)
+        return loss, {"loss": float(loss.detach())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +491,7 @@ class LowRankLSTM(nn.Module):
 
 
 @LEARNERS.register("lstm")
-class InContextLSTM(_InContext):
+class InContextLSTM(_Recurrent):
     """An LSTM reading (x_t, y_{t-1}) pairs and predicting y_t (Santoro et al. 2016; Duan et al. 2016)."""
 
     @dataclass(frozen=True)
@@ -441,71 +513,35 @@ class InContextLSTM(_InContext):
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())
         c = self.config
-        out = self._setup_outputs(spec, c.loss, c.min_scale)
-        y_width = spec.num_classes if spec.is_classification else spec.y_dim
-        x_width = spec.x_dim
-        if uses_conv4(spec, c.backbone):
-            self.embed_x = ImageEmbedding(spec.x_shape, 0, c.channels)
-            x_width = self.embed_x.width
-        # input of step t: [x_t, y_{t-1}, 1 if there is a y_{t-1}]
-        self.lstm: nn.Module = (nn.LSTM(x_width + y_width + 1, c.hidden, c.layers, batch_first=True)
-                                if c.rank is None else LowRankLSTM(x_width + y_width + 1, c.hidden, c.layers, c.rank))
+        width, out = self._setup(spec, c)
+        self.lstm: nn.Module = (nn.LSTM(width, c.hidden, c.layers, batch_first=True)
+                                if c.rank is None else LowRankLSTM(width, c.hidden, c.layers, c.rank))
         self.head = nn.Linear(c.hidden, out)
 
-    def _final_state(self, steps: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-        """The state after the first ``n [T]`` of the step inputs ``steps [T, S, in]`` (zero where ``n = 0``)."""
+    def _final(self, steps: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(h, c)``, each ``[layers, T, H]``, after the first ``lengths [T]`` steps (zero where it is 0)."""
+        if lengths is None:
+            _, (h, c) = self.lstm(steps)
+            return h, c
         T = steps.shape[0]
         if isinstance(self.lstm, nn.LSTM):
-            packed = nn.utils.rnn.pack_padded_sequence(steps, n.clamp(min=1).cpu(), batch_first=True,
+            packed = nn.utils.rnn.pack_padded_sequence(steps, lengths.clamp(min=1).cpu(), batch_first=True,
                                                        enforce_sorted=False)
             _, (h, c) = self.lstm(packed)
         else:
-            _, (h, c) = self.lstm(steps, lengths=n)
-        empty = (n == 0).view(1, T, 1)  # no real support point: start from the zero state
+            _, (h, c) = self.lstm(steps, lengths=lengths)
+        empty = (lengths == 0).view(1, T, 1)  # no real support point: start from the zero state
         return h.masked_fill(empty, 0.0), c.masked_fill(empty, 0.0)
 
-    def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
-                support_mask: Tensor | None = None) -> Distribution:
-        """Run over the support set, then one step per query from the final state."""
-        T, S, Q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-        ye = self._encode_y(support_y, support_x.dtype)  # [T, S, w]
-        x, query_x = self._features(support_x, query_x, support_mask)
-        if support_mask is None:
-            _, (h, c) = self.lstm(self._steps(x, ye))  # each [layers, T, H]
-            n = torch.full((T,), S, device=x.device)
-        else:
-            order = self._compact(support_mask)
-            x = x.gather(1, order.view(T, S, *([1] * (x.dim() - 2))).expand_as(x))
-            ye = ye.gather(1, order[..., None].expand_as(ye))
-            n = support_mask.sum(1)
-            h, c = self._final_state(self._steps(x, ye), n)
-        last = ye.gather(1, (n - 1).clamp(min=0).view(T, 1, 1).expand(T, 1, ye.shape[-1]))  # y_S [T, 1, w]
-        has = (n > 0).to(ye.dtype).view(T, 1, 1)
-        step = torch.cat([query_x.flatten(2), (last * has).expand(T, Q, -1), has.expand(T, Q, 1)], -1)
+    def _outputs(self, steps: Tensor) -> Tensor:
+        out, _ = self.lstm(steps)
+        return out
+
+    def _branch(self, state: tuple[Tensor, Tensor], step: Tensor) -> Tensor:
+        h, c = state
+        T, Q = step.shape[:2]
         L, H = h.shape[0], h.shape[2]
         h0 = h[:, :, None].expand(L, T, Q, H).reshape(L, T * Q, H)  # every query branches from the same state
         c0 = c[:, :, None].expand(L, T, Q, H).reshape(L, T * Q, H)
         out, _ = self.lstm(step.reshape(T * Q, 1, -1), (h0.contiguous(), c0.contiguous()))
-        return self._distribution(self.head(out.view(T, Q, H)))
-
-    def sequence_predict(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> Distribution:
-        """Predictions at every position of ``x [T, N, *x]``, ``y``: the LSTM's output after reading
-        ``(x_t, y_{t-1})``, with padded points skipped (``y_{t-1}`` is the last real target)."""
-        T, N = x.shape[:2]
-        ye = self._encode_y(y, x.dtype)
-        x = self._sequence_features(x, mask)
-        if mask is None:
-            out, _ = self.lstm(self._steps(x, ye))
-            return self._distribution(self.head(out))
-        order = self._compact(mask)
-        xs = x.gather(1, order.view(T, N, *([1] * (x.dim() - 2))).expand_as(x))
-        ys = ye.gather(1, order[..., None].expand_as(ye))
-        out, _ = self.lstm(self._steps(xs, ys))  # padded points come last: they never reach a real one
-        inverse = torch.argsort(order, dim=1)
-        out = out.gather(1, inverse[..., None].expand_as(out))  # back to the original positions
-        return self._distribution(self.head(out))
-
-    def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """The loss averaged over every position of the concatenated support + query sequence."""
-        loss = self.sequence_loss(episode)
-        return loss, {"loss": float(loss.detach())}
+        return out.view(T, Q, H)

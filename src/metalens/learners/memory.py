@@ -55,11 +55,10 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Distribution
 
 from metalens.config import Options, opt
-from metalens.episode import Episode, TaskSpec
-from metalens.learners.in_context import ImageEmbedding, InputBackbone, _InContext, uses_conv4
+from metalens.episode import TaskSpec
+from metalens.learners.in_context import InputBackbone, _Recurrent
 from metalens.registry import LEARNERS
 
 __all__ = ["MANN", "MemoryState", "cosine_read", "least_used", "lru_write", "update_usage"]
@@ -135,7 +134,7 @@ def update_usage(usage: Tensor, read_weights: Tensor, write_weights: Tensor, gam
 
 
 @LEARNERS.register("mann")
-class MANN(_InContext):
+class MANN(_Recurrent):
     """An LSTM controller with an external memory: cosine reads, least-recently-used writes (Santoro et al. 2016)."""
 
     @dataclass(frozen=True)
@@ -163,14 +162,8 @@ class MANN(_InContext):
     def __init__(self, spec: TaskSpec, config: Config | None = None) -> None:
         super().__init__(spec, config or self.Config())
         c = self.config
-        out = self._setup_outputs(spec, c.loss, c.min_scale)
-        y_width = spec.num_classes if spec.is_classification else spec.y_dim
-        x_width = spec.x_dim
-        if uses_conv4(spec, c.backbone):
-            self.embed_x = ImageEmbedding(spec.x_shape, 0, c.channels)
-            x_width = self.embed_x.width
-        # controller input: [x_t, y_{t-1}, has_prev, r_{t-1} (heads x width)]
-        self.controller = nn.LSTMCell(x_width + y_width + 1 + c.heads * c.width, c.hidden)
+        width, out = self._setup(spec, c)  # step input: [x_t, y_{t-1}, has_prev]; the controller also reads r_{t-1}
+        self.controller = nn.LSTMCell(width + c.heads * c.width, c.hidden)
         self.interface = nn.Linear(c.hidden, c.heads * (c.width + 2))  # keys, key strengths, write gates
         self.head = nn.Linear(c.hidden + c.heads * c.width, out)
 
@@ -214,45 +207,15 @@ class MANN(_InContext):
         width = self.config.hidden + self.config.heads * self.config.width
         return state, torch.stack(feats, 1) if feats else steps.new_zeros(B, 0, width)
 
-    # -- the contract ----------------------------------------------------------------------------------
-    def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
-                support_mask: Tensor | None = None) -> Distribution:
-        """Run over the real support points, then one step per query ``(x_q, y_S)`` from the final state."""
-        T, S, Q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-        ye = self._encode_y(support_y, support_x.dtype)  # [T, S, w]
-        x, qx = self._features(support_x, query_x, support_mask)
-        n = torch.full((T,), S, device=x.device)
-        if support_mask is not None:
-            order = self._compact(support_mask)
-            x = x.gather(1, order.view(T, S, *([1] * (x.dim() - 2))).expand_as(x))
-            ye = ye.gather(1, order[..., None].expand_as(ye))
-            n = support_mask.sum(1)
-        state, _ = self._run(self._steps(x, ye), None if support_mask is None else n)
-        last = ye.gather(1, (n - 1).clamp(min=0).view(T, 1, 1).expand(T, 1, ye.shape[-1]))  # y_S [T, 1, w]
-        has = (n > 0).to(ye.dtype).view(T, 1, 1)
-        step = torch.cat([qx.flatten(2), (last * has).expand(T, Q, -1), has.expand(T, Q, 1)], -1)
+    # -- the hooks of the recurrent learners (metalens.learners.in_context._Recurrent) ----------------
+    def _final(self, steps: Tensor, lengths: Tensor | None) -> MemoryState:
+        return self._run(steps, lengths)[0]
+
+    def _outputs(self, steps: Tensor) -> Tensor:
+        return self._run(steps)[1]
+
+    def _branch(self, state: MemoryState, step: Tensor) -> Tensor:
+        T, Q = step.shape[:2]
         branched = MemoryState(*(a[:, None].expand(T, Q, *a.shape[1:]).reshape(T * Q, *a.shape[1:]) for a in state))
         _, feats = self.step(branched, step.reshape(T * Q, -1))  # every query from the same state
-        return self._distribution(self.head(feats.view(T, Q, -1)))
-
-    def sequence_predict(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> Distribution:
-        """Predictions at every position of ``x [T, N, *x]``, ``y``: the output after reading
-        ``(x_t, y_{t-1})``, with padded points skipped (moved after the real ones)."""
-        T, N = x.shape[:2]
-        ye = self._encode_y(y, x.dtype)
-        x = self._sequence_features(x, mask)
-        if mask is None:
-            _, feats = self._run(self._steps(x, ye))
-            return self._distribution(self.head(feats))
-        order = self._compact(mask)
-        xs = x.gather(1, order.view(T, N, *([1] * (x.dim() - 2))).expand_as(x))
-        ys = ye.gather(1, order[..., None].expand_as(ye))
-        _, feats = self._run(self._steps(xs, ys))  # padded points come last: they never reach a real one
-        inverse = torch.argsort(order, dim=1)
-        feats = feats.gather(1, inverse[..., None].expand_as(feats))
-        return self._distribution(self.head(feats))
-
-    def meta_loss(self, episode: Episode, *, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """The loss averaged over every position of the concatenated support + query sequence."""
-        loss = self.sequence_loss(episode)
-        return loss, {"loss": float(loss.detach())}
+        return feats.view(T, Q, -1)
