@@ -209,7 +209,8 @@ def test_the_defaults_are_unchanged():
     assert dataclasses.asdict(ImageFolder.Config()) == {
         "root": "", "sources": "", "ways": 5, "shots": 1, "queries": 15, "split": "class", "split_seed": 0,
         "val_size": 0.1, "test_size": 0.2, "train_groups": "", "val_groups": "", "test_groups": "",
-        "rotations": "none", "size": 28, "resample": "box", "invert": True, "fit": "pad", **IMAGE_DEFAULTS}
+        "rotations": "none", "episodes": "any", "size": 28, "resample": "box", "invert": True, "fit": "pad",
+        **IMAGE_DEFAULTS}
 
 
 @pytest.mark.parametrize("options,message", [
@@ -377,3 +378,96 @@ def test_image_families_propose_one_task_per_step_and_the_user_wins(colour_root)
 def test_bad_image_options_are_config_errors_naming_the_option(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict(ImageFolder.Config, options, prefix="task.", where="task 'images'")
+
+
+# -- within-group episodes ----------------------------------------------------------------------------------
+def _groups_zip(tmp_path: Path, sizes: dict[str, int], per_class: int = 4) -> Path:
+    """A zip with the groups ``sizes`` names, each with that many classes of distinct random images."""
+    path = tmp_path / "groups.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for gi, (g, n) in enumerate(sizes.items()):
+            for c in range(n):
+                for i in range(per_class):
+                    z.writestr(f"groups/{g}/c{c}/{i}.png", _png(10_000 * gi + 100 * c + i))
+    return path
+
+
+def _group_family(path: Path, **options) -> ImageFolder:
+    base = dict(root=str(path), ways=3, shots=1, queries=2, split="named", train_groups="tr*",
+                test_groups="te*", episodes="within_group")
+    return ImageFolder(ImageFolder.Config(**{**base, **options}))
+
+
+@pytest.mark.parametrize("rotations", ["none", "train"])
+def test_within_group_episodes_draw_every_class_of_a_task_from_one_group(tmp_path, rotations):
+    path = _groups_zip(tmp_path, {"tr_a": 3, "tr_b": 5, "tr_small": 2, "te_a": 4, "te_b": 2, "te_c": 3})
+    f = _group_family(path, rotations=rotations)
+    names = f.classes("train")
+    ep = f.sample(60, generator=gen(SEED))
+    seen = set()
+    for t in range(60):
+        groups = {names[i].split("/")[0] for i in ep.classes[t].tolist()}
+        assert len(groups) == 1, f"seed {SEED}, task {t}: classes of {groups}"
+        seen |= groups
+        assert len(set(ep.classes[t].tolist())) == 3
+    if rotations == "none":  # tr_small has 2 classes < 3 ways: skipped; the others are drawn
+        assert seen == {"tr_a", "tr_b"}, f"seed {SEED}: {seen}"
+    else:  # rotated characters count as classes of their character's group: tr_small has 8 and is drawn
+        assert seen == {"tr_a", "tr_b", "tr_small"}, f"seed {SEED}: {seen}"
+        rotated = [names[i] for i in ep.classes.flatten().tolist() if "/rot" in names[i]]
+        assert rotated, f"seed {SEED}: no rotated class in 60 tasks"
+    # held-out tasks: from one group each, never te_b (2 classes); the same tasks for the same seed
+    a, b = f.eval_episodes(SEED, 40), f.eval_episodes(SEED, 40)
+    assert torch.equal(a.query_x, b.query_x) and torch.equal(a.support_x, b.support_x)
+    x_group = {}  # which group each test image belongs to, from the images themselves
+    for g in ("te_a", "te_b", "te_c"):
+        for c in range({"te_a": 4, "te_b": 2, "te_c": 3}[g]):
+            for i in range(4):
+                x_group[(1 - to_float_png(_png(10_000 * (3 + ("te_a", "te_b", "te_c").index(g)) + 100 * c + i)))
+                        .numpy().tobytes()] = g
+    test_seen = set()
+    for t in range(40):
+        gs = {x_group[x.numpy().tobytes()] for x in torch.cat([a.support_x[t], a.query_x[t]])}
+        assert len(gs) == 1, f"seed {SEED}, held-out task {t}: {gs}"
+        test_seen |= gs
+    assert test_seen == {"te_a", "te_c"}, f"seed {SEED}: {test_seen}"
+
+
+def to_float_png(data: bytes) -> torch.Tensor:
+    """A PNG as the family decodes it at 28x28, ink 1: ``[1, 28, 28]`` (already 28x28: no resizing)."""
+    return 1 - load_image(data)
+
+
+def test_within_group_episodes_are_refused_when_no_group_has_enough_classes(tmp_path):
+    path = _groups_zip(tmp_path, {"tr_a": 3, "tr_b": 5, "tr_c": 3, "te_a": 4, "te_b": 2})
+    with pytest.raises(DataError, match=re.escape(
+            "within-group episodes need a group with at least ways = 5 classes in the test split, and none has "
+            "(classes per group: te_a 4, te_b 2); lower task.ways to at most 4, or set task.episodes = any")) as e:
+        _group_family(path, ways=5)
+    assert "\n" not in str(e.value)
+    _group_family(path, ways=5, episodes="any")  # any: 6 test classes are enough
+    with pytest.raises(DataError, match=re.escape("at least ways = 4 classes in the train split, and none has "
+                                                  "(classes per group: tr_a 3, tr_c 3); lower task.ways to at most "
+                                                  "3")):
+        _group_family(path, ways=4, train_groups="tr_a,tr_c")  # 6 classes, but no alphabet with 4
+    f = _group_family(path, ways=4)
+    assert f.sample(3, generator=gen(SEED), split="test").support_x.shape == (3, 4, 1, 28, 28)
+
+
+def test_any_episodes_are_the_default_and_unchanged(tmp_path):
+    """``episodes = any`` (the default) draws exactly what the family drew before the option existed: the same
+    generator calls, so the generator is left in the same place as a plain draw of the classes and images."""
+    path = _groups_zip(tmp_path, {"tr_a": 3, "tr_b": 5, "te_a": 4, "te_b": 2})
+    f = _group_family(path, episodes="any")
+    assert ImageFolder.Config().episodes == "any"
+    g = gen(SEED)
+    ep = f.sample(2, generator=g)
+    # the draws of the family before the option: classes, images, then the two orders
+    ref = gen(SEED)
+    C, N, K, Q = 8, 3, 1, 2
+    pick = torch.argsort(torch.rand(2, C, generator=ref), dim=1)[:, :N]
+    torch.rand(2, N, f._class_images.shape[1], generator=ref)
+    torch.rand(2, N * K, generator=ref)
+    torch.rand(2, N * Q, generator=ref)
+    assert torch.equal(ep.classes, pick)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=ref))

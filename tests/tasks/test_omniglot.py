@@ -135,7 +135,8 @@ def test_the_defaults_are_unchanged():
         "split_seed": 0, "download": False, "size": 28, "channels": 1, "height": None, "width": None,
         "normalize": None, "augment": "none", "aug_crop": "pad", "aug_padding": 8, "aug_crop_scale": (0.08, 1.0),
         "aug_crop_ratio": (0.75, 4 / 3), "aug_flip": 0.5, "aug_jitter": 0.4, "aug_rotation": 10.0,
-        "aug_shear": 10.0, "aug_scale": (0.9, 1.1), "aug_translate": 0.1}
+        "aug_shear": 10.0, "aug_scale": (0.9, 1.1), "aug_translate": 0.1, "episodes": "any", "strokes": "none",
+        "strokes_fraction": 1.0, "strokes_strength": 1.0}
 
 
 @pytest.mark.parametrize("options,message", [
@@ -143,7 +144,8 @@ def test_the_defaults_are_unchanged():
     ({"shots": 0}, "task.shots must be >= 1, got 0"),
     ({"queries": 0}, "task.queries must be >= 1, got 0"),
     ({"split_seed": -1}, "task.split_seed must be >= 0, got -1"),
-    ({"protocol": "snell"}, "task.protocol must be one of 'small', 'lake', 'finn', 'vinyals', got 'snell'"),
+    ({"protocol": "snell"}, "task.protocol must be one of 'small', 'lake', 'finn', 'vinyals', 'small_within', "
+                              "'lake_within', got 'snell'"),
     ({"rotations": 1}, "task.rotations must be one of 'none', 'train', 'all', got 1"),
     ({"download": "yes"}, "task.download must be true or false, got 'yes'"),
 ])

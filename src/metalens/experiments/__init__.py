@@ -11,3 +11,4 @@ from metalens.experiments import convergence, notebook_figures, inner_loop_stabi
 from metalens.experiments import pac_bayes  # noqa: F401
 from metalens.experiments import tabular  # noqa: F401
 from metalens.experiments import ood_extrapolation, icl_state_size, icl_plateaus  # noqa: F401
+from metalens.experiments import omniglot_within  # noqa: F401

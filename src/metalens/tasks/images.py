@@ -15,7 +15,12 @@ classes were drawn. Images are ``[1, size, size]`` float32 in ``[0, 1]`` with in
 normalisation and augmentation. With ``rotations`` the rotations of every class by 90,
 180 and 270 degrees are classes of their own (Santoro et al. 2016; Vinyals et al. 2016),
 in the meta-train split only (``train``) or in every split (``all``); the rotations of a
-character always fall in the same split as the character.
+character always fall in the same split as the character. With ``episodes = "within_group"``
+every task's classes come from one group (Omniglot's within-alphabet tasks, Lake et al.
+2015): a task draws a group among those with at least ``ways`` classes in its split
+(uniformly; smaller groups are skipped, and a split with none is a
+:class:`~metalens.errors.DataError` listing each group's classes), then ``ways`` of its
+classes, both from the task's generator; a rotated class belongs to its character's group.
 
 Where the data is. ``root`` names a folder, or one zip file; left empty it is
 ``$METALENS_DATA/omniglot``, else ``../shared/data/omniglot``. ``sources`` names zips or
@@ -249,6 +254,9 @@ class ImageFolder(TaskFamily):
         test_groups: str = opt("", "named split: the test groups (as train_groups)")
         rotations: Literal["none", "train", "all"] = opt(
             "none", "rotations by 90/180/270 degrees as new classes: none, meta-train only, or every split")
+        episodes: Literal["any", "within_group"] = opt(
+            "any", "which classes a task draws: any of its split, or all from one group (within_group: a group "
+                   "with at least ways classes in the split, then ways of its classes)")
         resample: Literal["box", "lanczos"] = opt("box", "resizing filter: box (area average) or lanczos")
         invert: bool = opt(True, "dark ink on light paper: invert so that ink is 1 (grey images, channels = 1)")
         fit: Literal["pad", "crop", "stretch"] = opt(
@@ -375,6 +383,10 @@ class ImageFolder(TaskFamily):
             self._split_base[s] = base.repeat_interleave(turns)
             self._split_rot[s] = torch.arange(turns).repeat(len(base))
             self._rotated[s] = turns == 4
+        # the group of every class (a rotated class is in its character's group), for within-group episodes
+        self._group_names = sorted(groups)
+        gid = torch.tensor([self._group_names.index(g_) for g_ in group_of], dtype=torch.int64)
+        self._split_group = {s: gid[self._split_base[s]] for s in SPLITS}  # [C] group index of each class
         need = c.shots + c.queries
         for s in SPLITS:
             used = torch.tensor(split_classes[s], dtype=torch.int64)
@@ -390,6 +402,8 @@ class ImageFolder(TaskFamily):
             n = len(self._split_base[s])
             if n < c.ways:
                 raise DataError(self._too_few(s, n))
+            if self._episodes(s) == "within_group":
+                self._groups_with_ways(s)  # a DataError if no group has ways classes
         # per-channel statistics of the meta-training images, applied to every split
         self.mean: tuple[float, ...] | None = None
         self.std: tuple[float, ...] | None = None
@@ -405,6 +419,25 @@ class ImageFolder(TaskFamily):
         fix = f"lower task.ways to at most {n}, or {self._more_classes(split)}" if n >= 2 else \
             self._more_classes(split)
         return f"the {split} split has {n} classes, fewer than ways = {ways}; {fix}"
+
+    def _episodes(self, split: str) -> str:
+        """How the tasks of ``split`` draw their classes: ``any`` or ``within_group`` (Omniglot's protocols may
+        say within_group for the held-out splits whatever the option)."""
+        return getattr(self.config, "episodes", "any")
+
+    def _groups_with_ways(self, split: str) -> Tensor:
+        """The indices of the groups with at least ``ways`` classes in ``split`` (within-group episodes draw from
+        these); a :class:`DataError` listing each group's classes if there is none."""
+        ways = self.config.ways
+        counts = torch.bincount(self._split_group[split], minlength=len(self._group_names))
+        eligible = (counts >= ways).nonzero().flatten()
+        if len(eligible) == 0:
+            have = ", ".join(f"{g} {int(n)}" for g, n in zip(self._group_names, counts.tolist()) if n > 0) or "none"
+            fix = f"lower task.ways to at most {int(counts.max())}, or set task.episodes = any" if \
+                int(counts.max()) >= 2 else "set task.episodes = any"
+            raise DataError(f"within-group episodes need a group with at least ways = {ways} classes in the {split} "
+                            f"split, and none has (classes per group: {have}); {fix}")
+        return eligible
 
     # -- what is in each split ---------------------------------------------------------------------
     def classes(self, split: Split = "train") -> list[str]:
@@ -465,7 +498,13 @@ class ImageFolder(TaskFamily):
         C = len(base)
         if C < N:
             raise DataError(self._too_few(split, C))
-        pick = torch.argsort(torch.rand(T, C, generator=g), dim=1)[:, :N]  # [T, N] classes of each task
+        if self._episodes(split) == "within_group":
+            eligible = self._groups_with_ways(split)
+            chosen = eligible[torch.randint(len(eligible), (T,), generator=g)]  # [T] the group of each task
+            keys = torch.rand(T, C, generator=g).masked_fill(self._split_group[split] != chosen[:, None], 2.0)
+            pick = torch.argsort(keys, dim=1)[:, :N]  # [T, N] classes of the chosen group (others sort last)
+        else:
+            pick = torch.argsort(torch.rand(T, C, generator=g), dim=1)[:, :N]  # [T, N] classes of each task
         cls, turns = base[pick], rot[pick]  # [T, N]
         M = self._class_images.shape[1]
         keys = torch.rand(T, N, M, generator=g)
@@ -481,20 +520,32 @@ class ImageFolder(TaskFamily):
         if x.dim() == 5:
             x = x[:, :, :, None]  # [T, N, K+Q, 1, H, W]
 
-        def shuffled(part: Tensor, per_class: int) -> tuple[Tensor, Tensor]:
+        def shuffled(part: Tensor, per_class: int) -> tuple[Tensor, Tensor, Tensor]:
             y = torch.arange(N).repeat_interleave(per_class).expand(T, -1)  # [T, P] class-major
             xs = part.reshape(T, N * per_class, *part.shape[3:])
             perm = torch.argsort(torch.rand(T, N * per_class, generator=g), dim=1)
-            return xs[torch.arange(T)[:, None], perm], y.gather(1, perm)
+            return xs[torch.arange(T)[:, None], perm], y.gather(1, perm), perm
 
-        sx, sy = shuffled(x[:, :, :K], K)
-        qx, qy = shuffled(x[:, :, K:], Q)
+        sx, sy, s_perm = shuffled(x[:, :, :K], K)
+        qx, qy, q_perm = shuffled(x[:, :, K:], Q)
+        if split == "train":  # a family may draw its training images anew (Omniglot: from perturbed pen strokes)
+            which = torch.cat([idx[:, :, :K].reshape(T, -1).gather(1, s_perm),
+                               idx[:, :, K:].reshape(T, -1).gather(1, q_perm)], 1)  # [T, N(K+Q)] image indices
+            drawn = self._redraw(which, turns.gather(1, torch.cat([s_perm // K, q_perm // Q], 1)), g)
+            if drawn is not None:
+                sx, qx = drawn[:, : N * K].contiguous(), drawn[:, N * K:].contiguous()
         if split == "train" and c.augment != "none":  # drawn last: the same images as unaugmented, transformed
             both = self._augment(torch.cat([sx, qx], 1).flatten(0, 1), g).reshape(T, N * (K + Q), *sx.shape[2:])
             sx, qx = both[:, : N * K].contiguous(), both[:, N * K:].contiguous()
         if self.mean is not None and self.std is not None:
             sx, qx = normalize(sx, self.mean, self.std), normalize(qx, self.mean, self.std)
         return Episode(sx, sy, qx, qy, num_classes=N, classes=pick if split == "train" else None)
+
+    def _redraw(self, images: Tensor, turns: Tensor, g: torch.Generator) -> Tensor | None:
+        """Meta-training images drawn anew: ``images [T, P]`` (indices of the images a training task holds, in
+        its order: support, then query), ``turns [T, P]`` (their quarter turns) -> float ``[T, P, C, H, W]``, or
+        None to keep the decoded images (the default, which draws nothing from ``g``)."""
+        return None
 
     def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
         """``augment`` on a batch of images ``[B, C, H, W]`` in ``[0, 1]``, parameters drawn from ``g``."""
