@@ -120,3 +120,21 @@ def test_global_class_ids_are_checked_sliced_and_kept_only_when_every_part_has_t
         Episode(**reg(), classes=ids)
     with pytest.raises(ValueError, match="train_classes"):
         TaskSpec(kind="regression", x_shape=(1,), train_classes=5)
+
+
+def test_slicing_and_moving_skip_the_checks_and_equal_a_checked_episode(monkeypatch):
+    e = Episode(**cls(), support_mask=torch.tensor([[True, True, True]] * 2), classes=torch.tensor([[7, 2, 4], [0, 1, 5]]))
+    calls = []
+    monkeypatch.setattr(Episode, "__post_init__", lambda self: calls.append(1))
+    parts = [e[1:], e[:1].to("cpu"), e.to("cpu")]
+    assert calls == []  # built from a validated episode: not validated again
+    monkeypatch.undo()
+    for part, idx in zip(parts, (slice(1, None), slice(0, 1), slice(None))):
+        checked = Episode(**{k: (v[idx] if v is not None else None) for k, v in e.tensors().items()},
+                          num_classes=e.num_classes)
+        assert part.num_classes == checked.num_classes
+        for (k, a), b in zip(part.tensors().items(), checked.tensors().values()):
+            assert (a is None and b is None) or torch.equal(a, b), k
+    with pytest.raises(ValueError, match="selects no task"):
+        e[2:]
+    assert e.to(dtype=torch.float64).support_x.dtype == torch.float64  # a dtype change is checked again

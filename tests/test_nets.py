@@ -176,3 +176,21 @@ def test_resnet12_shape_errors():
         ResNet12((784,), 5)
     with pytest.raises(ValueError, match=r"too small for 4 pooling blocks \(at least 16 pixels a side\)"):
         ResNet12((3, 12, 12), 5)
+
+
+def test_the_fast_max_pool_equals_max_pool2d_in_value_gradient_and_second_order():
+    from metalens.nets import _MaxPool2
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 14, 12, generator=g, dtype=torch.float64)
+    x[0, 0, :2, :2] = 1.0  # a window with ties: the gradient goes to the same element
+    w = torch.randn(6, 5, 7, 6, generator=g, dtype=torch.float64)
+    outs = []
+    for pool in (lambda t: _MaxPool2.apply(t)[0], lambda t: torch.nn.functional.max_pool2d(t, 2)):
+        xi = x.clone().requires_grad_(True)
+        y = pool(xi)
+        (gx,) = torch.autograd.grad((y * w).sum() + (y ** 2).sum(), xi, create_graph=True)
+        (ggx,) = torch.autograd.grad((gx ** 2).sum(), xi)  # second order, as MAML's meta-gradient needs
+        outs.append((y.detach(), gx.detach(), ggx))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -222,7 +222,10 @@ class Episode:
         if not isinstance(idx, slice):
             raise TypeError(f"index an Episode with a slice over tasks, got {type(idx).__name__}")
         out = {k: (v[idx] if v is not None else None) for k, v in self.tensors().items()}
-        return Episode(**out, num_classes=self.num_classes)
+        if out["support_x"].shape[0] == 0:
+            raise ValueError(f"the slice {idx} selects no task of this {self.n_tasks}-task episode")
+        # every check is per task (or per shape, unchanged by taking tasks): a slice of a valid episode is valid
+        return self._validated(out)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Episode:
         """Move to ``device``; ``dtype`` converts the floating-point tensors only."""
@@ -234,7 +237,24 @@ class Episode:
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
 
-        return replace(self, **{k: conv(v) for k, v in self.tensors().items()})
+        out = {k: conv(v) for k, v in self.tensors().items()}
+        if dtype is not None:  # a narrower float type may overflow to inf: check again
+            return replace(self, **out)
+        return self._validated(out)  # the same values on another device: nothing to check again
+
+    def _validated(self, tensors: dict[str, Tensor | None]) -> Episode:
+        """An episode of ``tensors`` (and this one's ``num_classes``) built without running the checks again.
+
+        Only for tensors derived from this validated episode in ways that keep every check true
+        (taking whole tasks, moving to a device). Validation reads every value (finiteness, label
+        ranges, classes present) and is the largest cost of slicing and moving small episodes
+        (the evaluator does both for every batch of held-out tasks).
+        """
+        ep = object.__new__(Episode)
+        for k, v in tensors.items():
+            object.__setattr__(ep, k, v)  # a frozen dataclass: its own __init__ sets fields the same way
+        object.__setattr__(ep, "num_classes", self.num_classes)
+        return ep
 
     @staticmethod
     def cat(episodes: Sequence[Episode]) -> Episode:

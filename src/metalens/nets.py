@@ -116,6 +116,35 @@ class TaskBatchNorm2d(nn.Module):
         return x_hat * self.weight[:, None, None] + self.bias[:, None, None]
 
 
+class _MaxPool2(torch.autograd.Function):
+    """2x2 max-pool (stride 2) of an NCHW ``x``: ``F.max_pool2d(x, 2)``'s values and gradients, faster on CPU.
+
+    The forward runs PyTorch's channels-last kernel (on a channels-last copy of ``x``; about 3x
+    faster than the NCHW forward on CPU, see docs/benchmarks.md, where Conv-4's time goes) and
+    returns NCHW; the backward is the NCHW kernel with the same window indices. A maximum is
+    exact, so the values are the same bit for bit, and the gradient goes to the same element
+    of each window. The backward is differentiable (second-order MAML on the loop path). Not
+    for use under ``vmap`` (Conv4 uses it only with ``fused_norm``, which is never vmapped) nor
+    under ``torch.compile``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        y, idx = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), [2, 2],
+                                                         [2, 2])
+        return y.contiguous(), idx.contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_idx: Tensor) -> Tensor:
+        x, idx = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad_y, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+
+
 class Conv4(nn.Module):
     """The Conv-4 backbone of the few-shot literature (Vinyals et al. 2016; Finn et al. 2017).
 
@@ -152,6 +181,7 @@ class Conv4(nn.Module):
         if h < 1 or w < 1:
             raise ValueError(f"inputs of {tuple(in_shape)} are too small for {blocks} pooling blocks")
         self.features = nn.Sequential(*layers)  # [conv, norm, relu, pool] per block (see embed)
+        self.fast_pool = fused_norm  # never vmapped either: the pool may use _MaxPool2 (same values and gradients)
         self.embedding_dim = c * h * w
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features > 0 else None
 
@@ -172,7 +202,10 @@ class Conv4(nn.Module):
             z = norm(z.view(*lead, *z.shape[-3:])).reshape(-1, *z.shape[-3:])
             # relu(max-pool(z)) = max-pool(relu(z)), value and gradient (ReLU is monotone and zero where
             # a window's maximum is <= 0), with the ReLU on a quarter of the elements
-            z = relu(pool(z))
+            # _MaxPool2 in eager mode only: torch.compile generates its own pooling kernels, and its tracing of a
+            # custom autograd.Function drops the backward's own derivative (second-order MAML would be wrong)
+            fast = self.fast_pool and not torch.compiler.is_compiling()
+            z = relu(_MaxPool2.apply(z)[0] if fast else pool(z))
         return z.reshape(*lead, -1)
 
 
