@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Build one virtual environment per peer library for benchmarks/maml_peers.py:
+# Build one virtual environment per peer library for benchmarks/maml_peers.py and the other
+# benchmarks/*_peers.py:
 #
 #   benchmarks/peers/envs/.venv-learn2learn   learn2learn 0.2.0 (built from its sdist, Cython < 3)
 #   benchmarks/peers/envs/.venv-higher        higher 0.2.1
 #   benchmarks/peers/envs/.venv-torchopt      TorchOpt 0.7.3
+#   benchmarks/peers/envs/.venv-easyfsl       easyfsl 1.5.0 (protonet_peers.py)
 #
 # metalens itself runs in the project's own .venv (make install).
 #
@@ -12,7 +14,7 @@
 # pins torch, so pip never resolves torch to a multi-GB CUDA build. benchmarks/peers/envs/
 # is build output: keep it out of git.
 #
-# Usage: bash benchmarks/peers/setup.sh [learn2learn|higher|torchopt ...]   (default: all three)
+# Usage: bash benchmarks/peers/setup.sh [learn2learn|higher|torchopt|easyfsl ...]   (default: all four)
 # Environment: PYTHON (interpreter for the venvs, default python3), TORCH, ENVS (target folder).
 # An environment that already imports its library is left as it is (delete it to rebuild).
 set -euo pipefail
@@ -24,6 +26,7 @@ TORCH="${TORCH:-torch==2.13.0}"
 L2L_VERSION=0.2.0
 HIGHER_VERSION=0.2.1
 TORCHOPT_VERSION=0.7.3
+EASYFSL_VERSION=1.5.0
 
 # a 2-core machine shared with others: build with one job
 export MAX_JOBS=1 MAKEFLAGS=-j1 OMP_NUM_THREADS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -52,6 +55,70 @@ want = sys.argv[1].split("==")[-1]
 assert torch.__version__.split("+")[0] == want, f"torch {torch.__version__} != {want}"
 assert torch.version.cuda is None, f"a CUDA build of torch slipped in: {torch.__version__}"
 print(f"   torch {torch.__version__} (CPU) ok")
+EOF
+}
+
+write_torchvision_stub() {  # write_torchvision_stub PYTHON: a stand-in torchvision package in that venv
+    # the PyPI wheels of torchvision do not load beside the CPU torch wheel ("operator
+    # torchvision::nms does not exist"); learn2learn and easyfsl import it at import time for
+    # their vision datasets / transforms / model zoo only. The stub answers those imports; using
+    # any of its names raises ImportError. What is timed here uses torch only.
+    local py="$1" site
+    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    mkdir -p "$site/torchvision"
+    cat > "$site/torchvision/__init__.py" <<'EOF'
+"""STUB written by metalens' benchmarks/peers/setup.sh -- not the real torchvision.
+
+The real torchvision wheels do not load beside this environment's CPU torch build, and
+learn2learn imports torchvision at import time for its vision datasets and transforms
+only. This stub answers every ``import torchvision...`` / ``from torchvision... import X``;
+each name is a placeholder class that can be subclassed but raises ImportError when used.
+"""
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+__version__ = "0.0.0+stub"
+STUB = True
+
+
+def _placeholder(qualname):
+    def _unavailable(self, *args, **kwargs):
+        raise ImportError(f"{qualname}: torchvision is a stub in this environment (see torchvision/__init__.py)")
+    return type(qualname.rsplit(".", 1)[-1], (), {"__init__": _unavailable, "__module__": qualname.rsplit(".", 1)[0]})
+
+
+def _getattr_for(modname):
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name[:1].islower():  # a submodule: torchvision.transforms, torchvision.datasets.folder, ...
+            return importlib.import_module(f"{modname}.{name}")
+        return _placeholder(f"{modname}.{name}")
+    return __getattr__
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        mod = types.ModuleType(spec.name)
+        mod.__path__ = []
+        mod.__getattr__ = _getattr_for(spec.name)
+        return mod
+
+    def exec_module(self, module):
+        pass
+
+
+import importlib  # noqa: E402
+
+sys.meta_path.append(_Finder())
+__getattr__ = _getattr_for(__name__)
 EOF
 }
 
@@ -109,76 +176,38 @@ build_learn2learn() {
     #    its vision datasets / transforms. A stub package answers those imports; using any of
     #    its names raises ImportError. MAML (learn2learn.algorithms.maml, learn2learn.utils)
     #    uses torch only.
-    local site
-    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    mkdir -p "$site/torchvision"
-    cat > "$site/torchvision/__init__.py" <<'EOF'
-"""STUB written by metalens' benchmarks/peers/setup.sh -- not the real torchvision.
-
-The real torchvision wheels do not load beside this environment's CPU torch build, and
-learn2learn imports torchvision at import time for its vision datasets and transforms
-only. This stub answers every ``import torchvision...`` / ``from torchvision... import X``;
-each name is a placeholder class that can be subclassed but raises ImportError when used.
-"""
-import importlib.abc
-import importlib.machinery
-import sys
-import types
-
-__version__ = "0.0.0+stub"
-STUB = True
-
-
-def _placeholder(qualname):
-    def _unavailable(self, *args, **kwargs):
-        raise ImportError(f"{qualname}: torchvision is a stub in this environment (see torchvision/__init__.py)")
-    return type(qualname.rsplit(".", 1)[-1], (), {"__init__": _unavailable, "__module__": qualname.rsplit(".", 1)[0]})
-
-
-def _getattr_for(modname):
-    def __getattr__(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if name[:1].islower():  # a submodule: torchvision.transforms, torchvision.datasets.folder, ...
-            return importlib.import_module(f"{modname}.{name}")
-        return _placeholder(f"{modname}.{name}")
-    return __getattr__
-
-
-class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        mod = types.ModuleType(spec.name)
-        mod.__path__ = []
-        mod.__getattr__ = _getattr_for(spec.name)
-        return mod
-
-    def exec_module(self, module):
-        pass
-
-
-import importlib  # noqa: E402
-
-sys.meta_path.append(_Finder())
-__getattr__ = _getattr_for(__name__)
-EOF
+    write_torchvision_stub "$py"
     check_torch "$py"
     "$py" -W ignore -c "import learn2learn as l2l; from learn2learn.data import task_dataset
 print('   learn2learn', l2l.__version__, 'ok (its compiled data extensions import)')"
 }
 
+build_easyfsl() {
+    if has easyfsl easyfsl.methods; then log "easyfsl: $ENVS/.venv-easyfsl already there"; return; fi
+    log "easyfsl $EASYFSL_VERSION"
+    new_venv easyfsl
+    local py="$ENVS/.venv-easyfsl/bin/python"
+    # pure Python; declared deps besides torch: torchvision, pandas, matplotlib, tqdm. easyfsl.methods
+    # (PrototypicalNetworks) needs torch only; its datasets (pandas, torchvision) and modules
+    # (torchvision's ResNet) are not used here: pandas and matplotlib are left out, torchvision is
+    # the same stub as for learn2learn
+    "$py" -m pip install --quiet -c "$CONSTRAINTS" --no-deps "easyfsl==$EASYFSL_VERSION"
+    "$py" -m pip install --quiet -c "$CONSTRAINTS" numpy tqdm
+    write_torchvision_stub "$py"
+    check_torch "$py"
+    "$py" -W ignore -c "import easyfsl; from easyfsl.methods import PrototypicalNetworks
+print('   easyfsl', easyfsl.__version__, 'ok')"
+}
+
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(learn2learn higher torchopt)
+[ ${#targets[@]} -eq 0 ] && targets=(learn2learn higher torchopt easyfsl)
 for t in "${targets[@]}"; do
     case "$t" in
         learn2learn) build_learn2learn ;;
         higher) build_higher ;;
         torchopt) build_torchopt ;;
-        *) echo "unknown peer: $t (learn2learn, higher or torchopt)" >&2; exit 2 ;;
+        easyfsl) build_easyfsl ;;
+        *) echo "unknown peer: $t (learn2learn, higher, torchopt or easyfsl)" >&2; exit 2 ;;
     esac
 done
 log "done: $(ls -d "$ENVS"/.venv-* | tr '\n' ' ')"
