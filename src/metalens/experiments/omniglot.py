@@ -93,6 +93,26 @@ def learner_options(name: str, ways: int, channels: int) -> dict[str, Any]:
         return {"backbone": "conv4", "channels": channels, "hidden": 200, "slots": 128, "width": 40, "heads": 4}
     return {}
 
+def check_steps(steps: int | dict[str, int], learners: Any, defaults: dict[str, int]) -> None:
+    """A ``steps`` table may name only learners the study runs (its defaults excepted)."""
+    if isinstance(steps, dict) and steps != defaults:
+        unknown = sorted(set(steps) - set(learners))
+        if unknown:
+            raise ValueError(f"steps names {unknown[0]!r}, which is not in learners")
+
+
+def steps_of(steps: int | dict[str, int], name: str, defaults: dict[str, int], fallback: int) -> int:
+    """The meta-training steps of learner ``name``: one number for all, or its entry of the table (else its
+    default, else ``fallback``)."""
+    if isinstance(steps, dict):
+        return steps.get(name, defaults.get(name, fallback))
+    return steps
+
+
+def quick(c: Any) -> Any:
+    """Options ``c`` as run: with ``quick``, 2 steps, at most 4 held-out tasks and 8 channels (a smoke test)."""
+    return replace(c, steps=2, episodes=min(c.episodes, 4), channels=min(c.channels, 8)) if c.quick else c
+
 
 class _Planned(NamedTuple):
     """One run of the study: its learner, shots, the ways it trains at and the ways it is scored at."""
@@ -143,21 +163,15 @@ class OmniglotStudy(Study):
             if max(self.shots) + queries > 20:
                 raise ValueError(f"Omniglot has 20 images per character: shots + queries must be <= 20, got "
                                  f"{max(self.shots)} + {queries}")
-            if isinstance(self.steps, dict) and self.steps != DEFAULT_STEPS:
-                unknown = sorted(set(self.steps) - set(self.learners))
-                if unknown:
-                    raise ValueError(f"steps names {unknown[0]!r}, which is not in learners")
+            check_steps(self.steps, self.learners, DEFAULT_STEPS)
 
         def steps_for(self, name: str) -> int:
             """Meta-training steps of each run of learner ``name``."""
-            if isinstance(self.steps, dict):
-                return self.steps.get(name, DEFAULT_STEPS.get(name, 2000))
-            return self.steps
+            return steps_of(self.steps, name, DEFAULT_STEPS, 2000)
 
     def effective(self) -> OmniglotStudy.Config:
         """The options actually run: ``quick`` shrinks every budget."""
-        c = self.config
-        return replace(c, steps=2, episodes=min(c.episodes, 4), channels=min(c.channels, 8)) if c.quick else c
+        return quick(self.config)
 
     # -- the runs -------------------------------------------------------------------------------------
     @cached_property

@@ -40,7 +40,7 @@ does not; and, with paired differences on the same held-out tasks (mean above it
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -54,7 +54,7 @@ from metalens.config import ConfigError, Options, opt
 from metalens.data import augment as aug
 from metalens.episode import TaskSpec
 from metalens.evaluate import Evaluation, summarize
-from metalens.experiments.omniglot import learner_options
+from metalens.experiments.omniglot import check_steps, learner_options, quick, steps_of
 from metalens.experiments.spine import Context, Study, seconds_per_step
 from metalens.plots import plot_image_task, plot_training_curves, pyplot, save_figure
 from metalens.registry import LEARNERS, STUDIES
@@ -174,21 +174,15 @@ class OmniglotWithin(Study):
                 values = getattr(self, key)
                 if len(set(values)) != len(values):
                     raise ValueError(f"{key} lists a value twice: {list(values)}")
-            if isinstance(self.steps, dict) and self.steps != DEFAULT_STEPS:
-                unknown = sorted(set(self.steps) - set(self.learners))
-                if unknown:
-                    raise ValueError(f"steps names {unknown[0]!r}, which is not in learners")
+            check_steps(self.steps, self.learners, DEFAULT_STEPS)
 
         def steps_for(self, name: str) -> int:
             """Meta-training steps of each run of learner ``name``."""
-            if isinstance(self.steps, dict):
-                return self.steps.get(name, DEFAULT_STEPS.get(name, 400))
-            return self.steps
+            return steps_of(self.steps, name, DEFAULT_STEPS, 400)
 
     def effective(self) -> OmniglotWithin.Config:
         """The options actually run: ``quick`` shrinks every budget."""
-        c = self.config
-        return replace(c, steps=2, episodes=min(c.episodes, 4), channels=min(c.channels, 8)) if c.quick else c
+        return quick(self.config)
 
     # -- the runs -------------------------------------------------------------------------------------
     @cached_property
