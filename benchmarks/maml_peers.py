@@ -85,7 +85,7 @@ PEER_IMPLS = ("learn2learn", "higher", "torchopt", "torchopt-vmap", "func-loop",
 # run only when named in --impls
 COMPILED_FOR = {"A": ("metalens-compiled", "func-vmap-compiled"), "B": ("metalens-compiled", "func-loop-compiled")}
 COMPILED_IMPLS = tuple(dict.fromkeys(i for rows in COMPILED_FOR.values() for i in rows))
-# the issue's reference numbers (seconds, 2 threads, this machine) for the same configurations
+# reference numbers measured earlier on this machine (seconds, 2 threads) for the same configurations
 REFERENCE = {("A", 1): {"learn2learn": 0.059, "higher": 0.113, "torchopt": 0.047, "torchopt-vmap": 0.0077,
                         "func-vmap": 0.0088},
              ("B", 1): {"learn2learn": 1.16, "higher": 1.29, "torchopt": 1.29, "func-loop": 1.10, "func-vmap": 1.73}}
@@ -289,7 +289,7 @@ def main() -> None:
     load_end = os.getloadavg()
 
     per_thread = " | ".join(f"s / iter, {t} thr | x metalens, {t} thr" for t in args.threads)
-    head = (f"| config | inner steps | implementation | {per_thread} | grad rel. diff | issue's ref. (2 thr) "
+    head = (f"| config | inner steps | implementation | {per_thread} | grad rel. diff | reference (2 thr) "
             f"| load1 (others busy) before, {' / '.join(f'{t} thr' for t in args.threads)} |")
     print(f"\nmetalens MAML vs peers -- {started}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}; load average at start "
@@ -310,7 +310,7 @@ def main() -> None:
 
 
 def summary(results: list[dict], threads: list[int]) -> None:
-    """The issue's goals, per thread count: metalens >= 1.5x the fastest peer path (A and B),
+    """The speed goals, per thread count: metalens >= 1.5x the fastest peer path (A and B),
     >= 5x learn2learn and higher (A)."""
     ok = [r for r in results if "median_s" in r]
     lines = []

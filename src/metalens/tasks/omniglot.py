@@ -82,7 +82,7 @@ OMNIGLOT_FILES: dict[str, tuple[int | None, str]] = {
 }
 
 OMNIGLOT_PROTOCOLS: dict[str, dict[str, Any]] = {
-    # the protocol on the two minimal sets: meta-train on small1, test on the alphabets of
+    # the protocol on the two minimal sets: meta-train on small1, test on the alphabets of
     # small2 that are not in small1 (Japanese (katakana), Sanskrit, Tagalog)
     "small": {"sources": ("images_background_small1", "images_background_small2"), "split": "named",
               "groups": {"train": "images_background_small1/*", "val": "", "test": "*"}},
