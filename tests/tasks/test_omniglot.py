@@ -177,3 +177,10 @@ def test_omniglot_handwriting_augmentation_in_meta_training_only():
     e1, e2 = f.eval_episodes(SEED, 10), plain.eval_episodes(SEED, 10)
     assert torch.equal(e1.query_x, e2.query_x), "evaluation tasks must not be augmented"
     assert f.mean is None  # grey: not normalised by default, ink stays 1 on 0
+
+
+def test_a_within_protocol_with_too_many_ways_names_the_protocol_not_the_episodes_option():
+    with pytest.raises(DataError, match=re.escape(
+            "lower task.ways to at most 47, or choose a protocol whose held-out tasks draw from any alphabet "
+            "(task.protocol; 'small_within' now)")):
+        metalens.make_task("omniglot", root=str(DATA), protocol="small_within", ways=60)

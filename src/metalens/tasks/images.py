@@ -425,6 +425,10 @@ class ImageFolder(TaskFamily):
         say within_group for the held-out splits whatever the option)."""
         return getattr(self.config, "episodes", "any")
 
+    def _any_episodes(self, split: str) -> str:
+        """How to have the tasks of ``split`` draw from any group (the fix a within-group refusal names)."""
+        return "set task.episodes = any"
+
     def _groups_with_ways(self, split: str) -> Tensor:
         """The indices of the groups with at least ``ways`` classes in ``split`` (within-group episodes draw from
         these); a :class:`DataError` listing each group's classes if there is none."""
@@ -433,8 +437,8 @@ class ImageFolder(TaskFamily):
         eligible = (counts >= ways).nonzero().flatten()
         if len(eligible) == 0:
             have = ", ".join(f"{g} {int(n)}" for g, n in zip(self._group_names, counts.tolist()) if n > 0) or "none"
-            fix = f"lower task.ways to at most {int(counts.max())}, or set task.episodes = any" if \
-                int(counts.max()) >= 2 else "set task.episodes = any"
+            other = self._any_episodes(split)
+            fix = f"lower task.ways to at most {int(counts.max())}, or {other}" if int(counts.max()) >= 2 else other
             raise DataError(f"within-group episodes need a group with at least ways = {ways} classes in the {split} "
                             f"split, and none has (classes per group: {have}); {fix}")
         return eligible

@@ -199,6 +199,11 @@ class Omniglot(ImageFolder):
     def _more_classes(self, split: str) -> str:
         return f"choose a protocol with more {split} characters (task.protocol; {self.config.protocol!r} now)"
 
+    def _any_episodes(self, split: str) -> str:
+        if split != "train" and OMNIGLOT_PROTOCOLS[self.config.protocol].get("held_out") == "within_group":
+            return f"choose a protocol whose held-out tasks draw from any alphabet (task.protocol; {self.config.protocol!r} now)"
+        return super()._any_episodes(split)
+
     def _episodes(self, split: str) -> str:
         if split != "train" and OMNIGLOT_PROTOCOLS[self.config.protocol].get("held_out") == "within_group":
             return "within_group"
